@@ -1,0 +1,70 @@
+"""The one place that turns exceptions into HTTP responses with Stripe's error JSON."""
+
+from __future__ import annotations
+
+import secrets
+
+import orjson
+import structlog
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from strongroom.errors import StrongroomError
+
+log = structlog.get_logger(__name__)
+
+
+def error_body(exc: StrongroomError) -> bytes:
+    return orjson.dumps({"error": exc.as_dict()})
+
+
+def error_response(exc: StrongroomError, headers: dict[str, str] | None = None) -> Response:
+    extra = dict(headers or {})
+    if exc.http_status == 401:
+        extra.setdefault("WWW-Authenticate", 'Bearer realm="Strongroom"')
+    if exc.http_status in (409, 429, 502):
+        extra.setdefault("Retry-After", "1")
+    if exc.http_status == 400 and exc.type == "idempotency_error":
+        # stripe-python retries on some failures unless told not to; a mismatch never heals.
+        extra.setdefault("Stripe-Should-Retry", "false")
+    return Response(error_body(exc), exc.http_status, headers=extra, media_type="application/json")
+
+
+def _request_error(message: str, status: int, code: str | None = None) -> Response:
+    body: dict[str, object] = {"type": "invalid_request_error", "message": message}
+    if code:
+        body["code"] = code
+    return Response(orjson.dumps({"error": body}), status, media_type="application/json")
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(StrongroomError)
+    async def _domain(request: Request, exc: StrongroomError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return _request_error(
+                f"Unrecognized request URL ({request.method}: {request.url.path}).", 404, "resource_missing"
+            )
+        if exc.status_code == 405:
+            return _request_error(
+                f"Unrecognized request URL ({request.method}: {request.url.path}).", 405, "method_not_allowed"
+            )
+        return _request_error(str(exc.detail), exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return _request_error("Invalid request.", 400, "parameter_invalid")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        # Never echo internals (they may hold card data or SQL): log with an id, answer with it.
+        incident = "inc_" + secrets.token_hex(8)
+        log.error("request.failed", incident=incident, path=request.url.path, error_type=type(exc).__name__)
+        body = {"error": {"type": "api_error", "message": f"An unexpected error occurred ({incident})."}}
+        return Response(orjson.dumps(body), 500, media_type="application/json")

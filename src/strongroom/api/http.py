@@ -1,0 +1,172 @@
+"""The request cycle every route shares: authenticate, read and validate parameters, honour the
+Idempotency-Key on POST, call the service, render JSON."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.requests import Request
+from starlette.responses import Response
+
+from strongroom.api import validate
+from strongroom.api.auth import authenticate
+from strongroom.api.body import read_params
+from strongroom.api.errors import error_body, error_response
+from strongroom.auth.models import Principal
+from strongroom.auth.service import KeyHasher
+from strongroom.errors import InvalidRequest, StrongroomError
+from strongroom.idempotency import service as idempotency
+from strongroom.idempotency.service import NULL_RECORDER, Claim, Recorder, Replay
+from strongroom.payments.context import PaymentsContext
+from strongroom.settings import Settings
+from strongroom.store.db import Database
+
+M = TypeVar("M", bound=BaseModel)
+Render = Callable[[AsyncConnection, Principal, Any], Awaitable[dict[str, Any]]]
+# A renderer is chosen per request from its parameters (e.g. Stripe's `expand[]`).
+RenderFor = Callable[[Any], Render]
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    db: Database
+    hasher: KeyHasher
+    payments: PaymentsContext
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+async def principal_and_params(request: Request, model: type[M]) -> tuple[Principal, M]:
+    svc = services(request)
+    principal = await authenticate(request, svc.db, svc.hasher)
+    params = await read_params(request)
+    return principal, validate.parse(model, params)
+
+
+async def get(
+    request: Request,
+    model: type[M],
+    op: Callable[[AsyncConnection, Principal, M], Awaitable[Any]],
+    render_for: RenderFor,
+) -> Response:
+    principal, params = await principal_and_params(request, model)
+    render = render_for(params)
+    async with services(request).db.read() as conn:
+        result = await op(conn, principal, params)
+        body = await render(conn, principal, result)
+    return json_response(orjson.dumps(body))
+
+
+async def delete(
+    request: Request,
+    model: type[M],
+    op: Callable[[AsyncConnection, Principal, M], Awaitable[Any]],
+    render_for: RenderFor,
+) -> Response:
+    principal, params = await principal_and_params(request, model)
+    render = render_for(params)
+    async with services(request).db.tx() as conn:
+        result = await op(conn, principal, params)
+        body = await render(conn, principal, result)
+    return json_response(orjson.dumps(body))
+
+
+class _HttpRecorder:
+    """Stores the rendered result in the service's final transaction (see idempotency.service)."""
+
+    def __init__(self, claim: Claim, principal: Principal, render: Render) -> None:
+        self._claim = claim
+        self._principal = principal
+        self._render = render
+
+    @property
+    def resume_id(self) -> str | None:
+        return self._claim.resume_id
+
+    async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None:
+        await self._claim.checkpoint(conn, resource_id)
+
+    async def finish(self, conn: AsyncConnection, result: object) -> None:
+        if isinstance(result, StrongroomError):
+            await self._claim.store(conn, result.http_status, error_body(result))
+        else:
+            body = orjson.dumps(await self._render(conn, self._principal, result))
+            await self._claim.store(conn, 200, body)
+
+
+async def post(
+    request: Request,
+    model: type[M],
+    op: Callable[[Principal, M, Recorder], Awaitable[Any]],
+    render_for: RenderFor,
+) -> Response:
+    svc = services(request)
+    principal = await authenticate(request, svc.db, svc.hasher)
+    raw = await read_params(request)
+    params = validate.parse(model, raw)
+    render = render_for(params)
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        if svc.settings.idempotency.require_key:
+            raise InvalidRequest(
+                "An Idempotency-Key header is required on this request.", code="idempotency_key_missing"
+            )
+        return await _run(svc, principal, params, op, render, NULL_RECORDER, None)
+    idempotency.validate_key(key, svc.settings.idempotency.key_max_length)
+    claimed = await idempotency.claim(
+        svc.db,
+        principal,
+        key,
+        request.method,
+        request.url.path,
+        raw,
+        lock_timeout_s=svc.settings.idempotency.lock_timeout_s,
+        ttl_s=svc.settings.idempotency.ttl_s,
+    )
+    if isinstance(claimed, Replay):
+        return json_response(claimed.body, claimed.status, {"Idempotent-Replayed": "true", "Idempotency-Key": key})
+    return await _run(svc, principal, params, op, render, _HttpRecorder(claimed, principal, render), claimed)
+
+
+async def _run(
+    svc: Services,
+    principal: Principal,
+    params: M,
+    op: Callable[[Principal, M, Recorder], Awaitable[Any]],
+    render: Render,
+    rec: Recorder,
+    claim: Claim | None,
+) -> Response:
+    try:
+        result = await op(principal, params, rec)
+    except StrongroomError as exc:
+        if claim is not None and not claim.stored:
+            # Refused before it changed anything: a retry with the same key may run again.
+            await claim.release(svc.db)
+        return error_response(exc)
+    if claim is not None and claim.stored:
+        # Exactly the bytes a replay will return.
+        return json_response(claim.body, claim.status)
+    async with svc.db.tx() as conn:
+        body = orjson.dumps(await render(conn, principal, result))
+        if claim is not None:
+            await claim.store(conn, 200, body)
+    return json_response(body)
+
+
+def request_id() -> str:
+    return "req_" + secrets.token_urlsafe(12)

@@ -1,0 +1,174 @@
+"""ASGI app factory: wires routers, middleware and the lifespan (engine, keys, background work)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import sqlalchemy as sa
+import structlog
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from strongroom import __version__
+from strongroom.api import errors as api_errors
+from strongroom.api import openapi
+from strongroom.api.http import Services
+from strongroom.auth.service import KeyHasher
+from strongroom.connectors.routing import Router
+from strongroom.connectors.sandbox import SandboxConnector, SandboxProcessor
+from strongroom.events import routes as event_routes
+from strongroom.idempotency import service as idempotency
+from strongroom.payments import recovery, routes, routes_customers, routes_sandbox
+from strongroom.payments.context import PaymentsContext
+from strongroom.sensitive import Secret
+from strongroom.settings import Settings
+from strongroom.store.db import Database
+from strongroom.vault.keystore import DevelopmentKeystore
+from strongroom.vault.service import CvcCache, Vault
+
+log = structlog.get_logger(__name__)
+
+REQUESTS = Counter("strongroom_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram("strongroom_http_request_seconds", "HTTP request latency", ["method", "route"])
+
+
+def _secret_file(path: Path) -> bytes:
+    """A development secret: 32 random bytes in a 0600 file, created on first use."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+def key_hasher(settings: Settings) -> KeyHasher:
+    configured = settings.auth.key_hash_secret
+    if configured is not None:
+        return KeyHasher(Secret(configured.get_secret_value().encode()))
+    if not settings.development:
+        raise RuntimeError("STRONGROOM_AUTH__KEY_HASH_SECRET must be set outside development mode")
+    return KeyHasher(Secret(_secret_file(settings.data_dir / "keys" / "api-key-hash.key")))
+
+
+def build_services(settings: Settings, db: Database, public_url: str) -> Services:
+    if not settings.development:
+        raise RuntimeError(
+            "Only the development keystore exists yet: production mode needs the HSM keystore (vault issue)."
+        )
+    keystore = DevelopmentKeystore(settings.vault.key_file or settings.data_dir / "keys" / "dev-kek.key")
+    vault = Vault(keystore, CvcCache(settings.vault.cvc_ttl_s, settings.vault.cvc_cache_max))
+    router = Router(sandbox=SandboxConnector(SandboxProcessor(db)))
+    payments = PaymentsContext(
+        db=db,
+        vault=vault,
+        router=router,
+        settings=settings.payments,
+        lock_timeout_s=settings.idempotency.lock_timeout_s,
+        public_url=public_url.rstrip("/"),
+    )
+    return Services(settings=settings, db=db, hasher=key_hasher(settings), payments=payments)
+
+
+async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[object]]) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await job()
+        except Exception as exc:  # a failed sweep must not kill the loop; it is logged and retried
+            log.error("background.failed", job=name, error_type=type(exc).__name__)
+
+
+def app_from_environment() -> FastAPI:
+    """The uvicorn factory used by `strongroom serve` (settings from STRONGROOM_* variables)."""
+    from strongroom.cli import _configure_logging
+    from strongroom.settings import load_settings
+
+    settings = load_settings()
+    _configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
+    public_url = settings.public_url
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.effective_database_url)
+        app.state.services = build_services(settings, db, public_url)
+        tasks = []
+        if background:
+            ctx = app.state.services.payments
+            idem = settings.idempotency
+            tasks = [
+                asyncio.create_task(
+                    _every(settings.payments.recovery_interval_s, "recovery", lambda: recovery.sweep(ctx))
+                ),
+                asyncio.create_task(
+                    _every(
+                        3600,
+                        "idempotency_purge",
+                        lambda: idempotency.purge_expired(db, ttl_s=idem.ttl_s, batch=idem.purge_batch),
+                    )
+                ),
+            ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await db.dispose()
+
+    app = FastAPI(
+        title="Strongroom",
+        version=__version__,
+        description="Stripe-compatible payments API",
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    api_errors.install(app)
+    for router in (routes.router, routes_customers.router, event_routes.router, routes_sandbox.router):
+        app.include_router(router)
+    _operational(app)
+    openapi.install(app)
+    return app
+
+
+def _operational(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        REQUESTS.labels(request.method, template, str(response.status_code)).inc()
+        LATENCY.labels(request.method, template).observe(time.perf_counter() - started)
+        response.headers["Request-Id"] = "req_" + secrets.token_urlsafe(12)
+        return response
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> JSONResponse:
+        try:
+            async with request.app.state.services.db.read() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        except Exception:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

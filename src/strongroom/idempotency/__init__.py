@@ -1,0 +1,1 @@
+"""Idempotency-Key handling (Stripe's semantics, IETF draft-ietf-httpapi-idempotency-key-header)."""

@@ -1,0 +1,203 @@
+"""Idempotency keys with Stripe's semantics and the IETF draft's (draft-ietf-httpapi-idempotency-key-header).
+
+- The same key with the same request returns the stored response (status and body identical).
+- The same key with a different request (method, path or parameters) is refused: idempotency_error.
+- A request arriving while another holds the key gets 409 and does nothing.
+- A lock older than `lock_timeout_s` belongs to a request that died: the next retry takes it over
+  and resumes the object recorded at the request's recovery point (Brandur's atomic phases).
+- A response is stored in the same transaction as the request's last write (`Recorder.finish`),
+  so a stored response and the state it describes can never disagree.
+- Keys expire after `ttl_s` (at least 24 hours).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from strongroom.auth.models import Principal
+from strongroom.errors import IdempotencyConflict, IdempotencyError, InvalidRequest
+from strongroom.idempotency.tables import idempotency_keys as keys
+from strongroom.store.db import Database, as_utc, insert_ignore, utcnow
+
+
+class Recorder(Protocol):
+    """What a service sees of idempotency: where to record progress and the final result."""
+
+    @property
+    def resume_id(self) -> str | None: ...
+
+    async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None: ...
+
+    async def finish(self, conn: AsyncConnection, result: object) -> None: ...
+
+
+class _NullRecorder:
+    resume_id: str | None = None
+
+    async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None:
+        return None
+
+    async def finish(self, conn: AsyncConnection, result: object) -> None:
+        return None
+
+
+NULL_RECORDER: Recorder = _NullRecorder()
+
+
+@dataclass(frozen=True)
+class Replay:
+    status: int
+    body: bytes
+
+
+@dataclass
+class Claim:
+    """This request holds the key."""
+
+    merchant_id: str
+    livemode: bool
+    key: str
+    resume_id: str | None
+    recovered: bool
+    stored: bool = False
+    status: int = 0
+    body: bytes = b""
+
+    def _where(self) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            keys.c.merchant_id == self.merchant_id,
+            keys.c.livemode == self.livemode,
+            keys.c.key == self.key,
+        )
+
+    async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None:
+        await conn.execute(keys.update().where(self._where()).values(resource_id=resource_id))
+        self.resume_id = resource_id
+
+    async def store(self, conn: AsyncConnection, status: int, body: bytes) -> None:
+        await conn.execute(
+            keys.update().where(self._where()).values(response_status=status, response_body=body, locked_at=None)
+        )
+        self.stored, self.status, self.body = True, status, body
+
+    async def release(self, db: Database) -> None:
+        """Forget the key: the request failed before it changed anything, so a retry may run it."""
+        async with db.tx() as conn:
+            await conn.execute(keys.delete().where(self._where(), keys.c.response_status.is_(None)))
+
+
+def fingerprint(method: str, path: str, params: dict[str, Any]) -> bytes:
+    canonical = orjson.dumps([method, path, params], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).digest()
+
+
+def validate_key(key: str, max_length: int) -> str:
+    if not key or len(key) > max_length or not key.isprintable() or not key.isascii():
+        raise InvalidRequest(
+            f"Idempotency-Key must be 1 to {max_length} printable ASCII characters.",
+            code="idempotency_key_invalid",
+        )
+    return key
+
+
+async def claim(
+    db: Database,
+    principal: Principal,
+    key: str,
+    method: str,
+    path: str,
+    params: dict[str, Any],
+    *,
+    lock_timeout_s: float,
+    ttl_s: float,
+) -> Replay | Claim:
+    fp = fingerprint(method, path, params)
+    now = utcnow()
+    fresh = Claim(principal.merchant_id, principal.livemode, key, resume_id=None, recovered=False)
+    async with db.tx() as conn:
+        inserted = await conn.execute(
+            insert_ignore(conn, keys).values(
+                merchant_id=principal.merchant_id,
+                livemode=principal.livemode,
+                key=key,
+                fingerprint=fp,
+                method=method,
+                path=path,
+                created=now,
+                locked_at=now,
+            )
+        )
+        if inserted.rowcount == 1:
+            return fresh
+        query = sa.select(keys).where(fresh._where())
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        row = (await conn.execute(query)).one()
+        if as_utc(row.created) < now - dt.timedelta(seconds=ttl_s):
+            await _restart(conn, fresh, fp, method, path, now)
+            return fresh
+        if row.fingerprint != fp:
+            raise IdempotencyError(
+                "Keys for idempotent requests can only be used with the same parameters they were "
+                "first used with. Try using a key other than '" + key + "' if you meant to execute "
+                "a different request.",
+                code="idempotency_key_in_use",
+            )
+        if row.response_status is not None:
+            return Replay(status=row.response_status, body=bytes(row.response_body))
+        if row.locked_at is not None and as_utc(row.locked_at) > now - dt.timedelta(seconds=lock_timeout_s):
+            raise IdempotencyConflict(
+                "There is currently another in-progress request using this Idempotent Key (that "
+                "probably means you submitted twice, and the other request is still going through): "
+                + key
+                + ". Please try again later.",
+                code="idempotency_key_in_use",
+            )
+        await conn.execute(keys.update().where(fresh._where()).values(locked_at=now))
+        return Claim(principal.merchant_id, principal.livemode, key, resume_id=row.resource_id, recovered=True)
+
+
+async def _restart(conn: AsyncConnection, claim_: Claim, fp: bytes, method: str, path: str, now: dt.datetime) -> None:
+    await conn.execute(
+        keys.update()
+        .where(claim_._where())
+        .values(
+            fingerprint=fp,
+            method=method,
+            path=path,
+            created=now,
+            locked_at=now,
+            resource_id=None,
+            response_status=None,
+            response_body=None,
+        )
+    )
+
+
+async def purge_expired(db: Database, *, ttl_s: float, batch: int) -> int:
+    """Delete keys older than the TTL, at most `batch` at a time (bounded work per call)."""
+    cutoff = utcnow() - dt.timedelta(seconds=ttl_s)
+    async with db.tx() as conn:
+        victims = (
+            await conn.execute(
+                sa.select(keys.c.merchant_id, keys.c.livemode, keys.c.key)
+                .where(keys.c.created < cutoff, keys.c.locked_at.is_(None))
+                .limit(batch)
+            )
+        ).all()
+        for v in victims:
+            await conn.execute(
+                keys.delete().where(
+                    keys.c.merchant_id == v.merchant_id,
+                    keys.c.livemode == v.livemode,
+                    keys.c.key == v.key,
+                )
+            )
+    return len(victims)

@@ -1,0 +1,24 @@
+import sqlalchemy as sa
+
+from strongroom.store.metadata import Timestamp, metadata
+
+# One row per (merchant, mode, key): draft §2 — keys are scoped to the client that sent them.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("merchant_id", sa.String(40), primary_key=True),
+    sa.Column("livemode", sa.Boolean, primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("fingerprint", sa.LargeBinary(32), nullable=False),
+    sa.Column("method", sa.String(8), nullable=False),
+    sa.Column("path", sa.String(512), nullable=False),
+    sa.Column("created", Timestamp, nullable=False),
+    # Set while a request holds the key; cleared when its response is stored.
+    sa.Column("locked_at", Timestamp),
+    # Brandur's recovery point: the object the request created or acted on, recorded in the
+    # same transaction as its first write, so a retry after a crash resumes that object.
+    sa.Column("resource_id", sa.String(40)),
+    sa.Column("response_status", sa.Integer),
+    sa.Column("response_body", sa.LargeBinary),
+)
+sa.Index("ix_idempotency_keys_created", idempotency_keys.c.created)

@@ -1,0 +1,1 @@
+"""Customers, payment methods, payment intents (authorize, capture, cancel), charges and refunds."""

@@ -1,0 +1,169 @@
+"""Payment intents: create, update, confirm, retrieve, list. Capture and cancel: `settle.py`."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from strongroom.auth.models import Principal
+from strongroom.errors import InvalidRequest, UnexpectedState
+from strongroom.events import service as events
+from strongroom.idempotency.service import Recorder
+from strongroom.ids import new_id
+from strongroom.money import get_currency, parse_amount
+from strongroom.payments import authorize, customers, methods, settle, views
+from strongroom.payments.authorize import Finished
+from strongroom.payments.context import PaymentsContext, load, owned
+from strongroom.payments.models import IntentStatus, Operation, check_allowed
+from strongroom.payments.params import IntentConfirm, IntentCreate, IntentList, IntentUpdate
+from strongroom.payments.tables import payment_intents
+from strongroom.store.db import utcnow
+from strongroom.store.paging import Page, PageRequest, fetch_page
+
+S = IntentStatus
+
+
+def _check_methods(p: IntentCreate) -> None:
+    if p.payment_method_types is not None and p.automatic_payment_methods is not None:
+        raise InvalidRequest(
+            "You may only specify one of these parameters: automatic_payment_methods, payment_method_types.",
+            param="automatic_payment_methods",
+        )
+    if p.confirm and p.payment_method is None:
+        raise InvalidRequest(
+            "You cannot confirm this PaymentIntent because it's missing a payment method.",
+            param="payment_method",
+            code="payment_intent_unexpected_state",
+        )
+
+
+async def create(ctx: PaymentsContext, principal: Principal, p: IntentCreate, rec: Recorder) -> Finished:
+    if rec.resume_id is not None:
+        return await settle.resume(ctx, principal, rec.resume_id, rec)
+    currency = get_currency(p.currency)
+    amount = parse_amount(p.amount, currency)
+    _check_methods(p)
+    async with ctx.db.tx() as conn:
+        if p.customer is not None:
+            await customers.live(conn, principal, p.customer)
+        pm = await methods.resolve(conn, ctx.vault, principal, p.payment_method) if p.payment_method else None
+        intent_id = new_id("payment_intent")
+        now = utcnow()
+        await conn.execute(
+            payment_intents.insert().values(
+                merchant_id=principal.merchant_id,
+                id=intent_id,
+                livemode=principal.livemode,
+                created=now,
+                updated=now,
+                amount=amount,
+                currency=currency.code,
+                status=S.REQUIRES_CONFIRMATION if pm is not None else S.REQUIRES_PAYMENT_METHOD,
+                capture_method=p.capture_method,
+                confirmation_method=p.confirmation_method,
+                customer_id=p.customer,
+                payment_method_id=pm["id"] if pm is not None else None,
+                amount_capturable=0,
+                amount_received=0,
+                description=p.description,
+                receipt_email=p.receipt_email,
+                statement_descriptor=p.statement_descriptor,
+                metadata=dict(p.metadata),
+                client_secret=f"{intent_id}_secret_{secrets.token_urlsafe(18)}",
+                connector=ctx.router.for_mode(principal.livemode).name,
+                attempt=0,
+            )
+        )
+        intent = await load(conn, payment_intents, principal, intent_id, "payment_intent")
+        await events.record(conn, principal, "payment_intent.created", views.payment_intent(intent))
+        if not p.confirm or pm is None:
+            await rec.finish(conn, intent)
+            return Finished(intent, None)
+        attempt = await authorize.begin(conn, principal, intent, pm["id"], rec)
+    return await authorize.drive(ctx, principal, attempt, rec)
+
+
+async def confirm(
+    ctx: PaymentsContext, principal: Principal, intent_id: str, p: IntentConfirm, rec: Recorder
+) -> Finished:
+    if rec.resume_id == intent_id:
+        return await settle.resume(ctx, principal, intent_id, rec)
+    async with ctx.db.tx() as conn:
+        intent = await load(conn, payment_intents, principal, intent_id, "payment_intent", for_update=True)
+        if intent["status"] == S.PROCESSING and authorize.is_stale(intent, ctx.lock_timeout_s):
+            # The request that began this attempt died; finish it with the same processor key.
+            attempt = authorize.Attempt(intent_id, intent["pending_key"])
+        else:
+            check_allowed(Operation.CONFIRM, intent["status"], intent_id)
+            pm_id = p.payment_method or intent["payment_method_id"]
+            if pm_id is None:
+                raise InvalidRequest(
+                    "You cannot confirm this PaymentIntent because it's missing a payment method. "
+                    "Update the PaymentIntent with a payment method and then confirm it again.",
+                    param="payment_method",
+                    code="payment_intent_unexpected_state",
+                )
+            pm = await methods.resolve(conn, ctx.vault, principal, pm_id)
+            extra: dict[str, Any] = {}
+            if p.receipt_email is not None:
+                extra["receipt_email"] = p.receipt_email
+            if extra:
+                intent = await authorize.set_intent(conn, principal, intent_id, **extra)
+            attempt = await authorize.begin(conn, principal, intent, pm["id"], rec)
+    return await authorize.drive(ctx, principal, attempt, rec)
+
+
+async def update(
+    ctx: PaymentsContext, principal: Principal, intent_id: str, p: IntentUpdate, rec: Recorder
+) -> RowMapping:
+    async with ctx.db.tx() as conn:
+        intent = await load(conn, payment_intents, principal, intent_id, "payment_intent", for_update=True)
+        check_allowed(Operation.UPDATE, intent["status"], intent_id)
+        values = await _update_values(conn, ctx, principal, intent, p)
+        if values:
+            intent = await authorize.set_intent(conn, principal, intent_id, **values)
+        await rec.finish(conn, intent)
+        return intent
+
+
+async def _update_values(
+    conn: AsyncConnection, ctx: PaymentsContext, principal: Principal, intent: RowMapping, p: IntentUpdate
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for field in ("description", "receipt_email", "statement_descriptor", "capture_method"):
+        if field in p.model_fields_set:
+            values[field] = getattr(p, field)
+    currency = get_currency(p.currency) if p.currency is not None else get_currency(intent["currency"])
+    if p.currency is not None:
+        values["currency"] = currency.code
+    if p.amount is not None or p.currency is not None:
+        values["amount"] = parse_amount(p.amount if p.amount is not None else intent["amount"], currency)
+    if p.customer is not None:
+        await customers.live(conn, principal, p.customer)
+        values["customer_id"] = p.customer
+    if p.payment_method is not None:
+        pm = await methods.resolve(conn, ctx.vault, principal, p.payment_method)
+        values["payment_method_id"] = pm["id"]
+        if intent["status"] == S.REQUIRES_PAYMENT_METHOD:
+            values["status"] = S.REQUIRES_CONFIRMATION
+    if p.metadata is not None:
+        values["metadata"] = customers.merge_metadata(intent["metadata"], dict(p.metadata))
+    if intent["status"] == S.REQUIRES_ACTION and values.keys() & {"amount", "currency", "payment_method_id"}:
+        raise UnexpectedState(
+            "You cannot change the amount, currency or payment method of a PaymentIntent that requires action.",
+        )
+    return values
+
+
+async def retrieve(conn: AsyncConnection, principal: Principal, intent_id: str) -> RowMapping:
+    return await load(conn, payment_intents, principal, intent_id, "payment_intent")
+
+
+async def list_intents(conn: AsyncConnection, principal: Principal, p: IntentList) -> Page:
+    scope = owned(payment_intents, principal)
+    if p.customer is not None:
+        scope.append(payment_intents.c.customer_id == p.customer)
+    return await fetch_page(conn, payment_intents, scope, PageRequest(p.limit, p.starting_after, p.ending_before))

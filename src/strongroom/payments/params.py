@@ -1,0 +1,214 @@
+"""Request parameters of the payments API, validated strictly (unknown parameters are refused).
+
+Values arrive as strings from form bodies and as JSON types from JSON bodies; the validators
+here accept both but never a float where an integer is meant.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+from strongroom.errors import InvalidRequest
+from strongroom.money import parse_integer
+
+METADATA_KEYS_MAX = 50
+
+
+def _integer(value: object) -> int:
+    try:
+        return parse_integer(value, "value")
+    except InvalidRequest as exc:
+        raise ValueError(exc.message) from None
+
+
+def _metadata(value: object) -> object:
+    if value == "":
+        return {}  # Stripe: an empty string unsets all metadata
+    if isinstance(value, list):
+        # The bracket encoding cannot tell metadata[0]=a from a list: all-digit keys read as one.
+        value = {str(i): v for i, v in enumerate(value)}
+    if isinstance(value, dict) and len(value) > METADATA_KEYS_MAX:
+        raise ValueError(f"Metadata may have at most {METADATA_KEYS_MAX} keys.")
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integer)]
+Text = Annotated[str, StringConstraints(max_length=5000)]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$")]
+Email = Annotated[str, StringConstraints(max_length=512)]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=40)]
+MetadataValue = Annotated[str, StringConstraints(max_length=500)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], BeforeValidator(_metadata)]
+Expand = Annotated[list[Annotated[str, StringConstraints(max_length=100)]], Field(max_length=10)]
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=5000)
+
+
+class ListParams(Params):
+    limit: Annotated[Integer, Field(ge=1, le=100)] = 10
+    starting_after: Id | None = None
+    ending_before: Id | None = None
+    expand: Expand = []
+    created: Any = None  # accepted like Stripe's, filtering by creation time is not offered yet
+
+
+class Address(Params):
+    line1: Text | None = None
+    line2: Text | None = None
+    city: Text | None = None
+    state: Text | None = None
+    postal_code: Text | None = None
+    country: Annotated[str, StringConstraints(max_length=2)] | None = None
+
+
+class BillingDetails(Params):
+    name: Text | None = None
+    email: Email | None = None
+    phone: Text | None = None
+    address: Address | None = None
+
+
+class CustomerCreate(Params):
+    email: Email | None = None
+    name: Annotated[str, StringConstraints(max_length=256)] | None = None
+    description: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    phone: Annotated[str, StringConstraints(max_length=64)] | None = None
+    metadata: Metadata = {}
+    payment_method: Id | None = None
+    expand: Expand = []
+
+
+class CustomerUpdate(CustomerCreate):
+    pass
+
+
+class CustomerList(ListParams):
+    email: Email | None = None
+
+
+class Card(Params):
+    number: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    exp_month: Integer
+    exp_year: Integer
+    cvc: Annotated[str, StringConstraints(max_length=8)] | None = None
+
+
+class PaymentMethodCreate(Params):
+    type: Literal["card"]
+    card: Card
+    billing_details: BillingDetails | None = None
+    metadata: Metadata = {}
+    expand: Expand = []
+
+
+class PaymentMethodUpdate(Params):
+    billing_details: BillingDetails | None = None
+    metadata: Metadata | None = None
+    expand: Expand = []
+
+
+class PaymentMethodAttach(Params):
+    customer: Id
+    expand: Expand = []
+
+
+class PaymentMethodDetach(Params):
+    expand: Expand = []
+
+
+class PaymentMethodList(ListParams):
+    customer: Id | None = None
+    type: Literal["card"] | None = None
+
+
+class AutomaticPaymentMethods(Params):
+    enabled: bool
+    allow_redirects: Literal["always", "never"] | None = None
+
+
+class IntentCreate(Params):
+    amount: Integer
+    currency: Annotated[str, StringConstraints(max_length=3)]
+    customer: Id | None = None
+    payment_method: Id | None = None
+    payment_method_types: list[Literal["card"]] | None = None
+    automatic_payment_methods: AutomaticPaymentMethods | None = None
+    confirm: bool = False
+    capture_method: Literal["automatic", "automatic_async", "manual"] = "automatic"
+    confirmation_method: Literal["automatic", "manual"] = "automatic"
+    description: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    receipt_email: Email | None = None
+    statement_descriptor: Annotated[str, StringConstraints(max_length=22)] | None = None
+    metadata: Metadata = {}
+    return_url: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    expand: Expand = []
+
+
+class IntentUpdate(Params):
+    amount: Integer | None = None
+    currency: Annotated[str, StringConstraints(max_length=3)] | None = None
+    customer: Id | None = None
+    payment_method: Id | None = None
+    capture_method: Literal["automatic", "automatic_async", "manual"] | None = None
+    description: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    receipt_email: Email | None = None
+    statement_descriptor: Annotated[str, StringConstraints(max_length=22)] | None = None
+    metadata: Metadata | None = None
+    expand: Expand = []
+
+
+class IntentConfirm(Params):
+    payment_method: Id | None = None
+    return_url: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    receipt_email: Email | None = None
+    expand: Expand = []
+
+
+class IntentCapture(Params):
+    amount_to_capture: Integer | None = None
+    expand: Expand = []
+
+
+class IntentCancel(Params):
+    cancellation_reason: Literal["duplicate", "fraudulent", "requested_by_customer", "abandoned"] | None = None
+    expand: Expand = []
+
+
+class IntentList(ListParams):
+    customer: Id | None = None
+
+
+class RefundCreate(Params):
+    payment_intent: Id | None = None
+    charge: Id | None = None
+    amount: Integer | None = None
+    reason: Literal["duplicate", "fraudulent", "requested_by_customer"] | None = None
+    metadata: Metadata = {}
+    expand: Expand = []
+
+
+class RefundUpdate(Params):
+    metadata: Metadata | None = None
+    expand: Expand = []
+
+
+class RefundList(ListParams):
+    payment_intent: Id | None = None
+    charge: Id | None = None
+
+
+class ChargeList(ListParams):
+    payment_intent: Id | None = None
+    customer: Id | None = None
+
+
+class EventList(ListParams):
+    type: Annotated[str, StringConstraints(max_length=100)] | None = None
+
+
+class Retrieve(Params):
+    expand: Expand = []

@@ -1,0 +1,39 @@
+"""Calling a processor: a bounded timeout per call, bounded retries of the SAME processor-side
+idempotency key on timeouts (so a retry can never move money twice), and the closed set of
+outcomes the services act on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from strongroom.connectors.base import ProcessorError, ProcessorTimeout
+from strongroom.settings import PaymentsSettings
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+async def call(settings: PaymentsSettings, op: str, fn: Callable[[], Awaitable[T]]) -> T | ProcessorError:
+    """Returns the processor's answer, or the `ProcessorError` it ended with (never raises one)."""
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(ProcessorTimeout),
+            stop=stop_after_attempt(settings.processor_retry_max + 1),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            reraise=True,
+        ):
+            with attempt:
+                try:
+                    async with asyncio.timeout(settings.processor_timeout_s):
+                        return await fn()
+                except TimeoutError:
+                    raise ProcessorTimeout(f"{op}: no answer within {settings.processor_timeout_s}s") from None
+    except ProcessorError as exc:
+        log.info("processor.outcome", op=op, outcome=type(exc).__name__, raw_code=exc.raw_code)
+        return exc
+    raise AssertionError("unreachable")  # pragma: no cover - tenacity either returns or reraises

@@ -1,0 +1,112 @@
+"""One pydantic-settings object, built once at start-up and passed down.
+
+Environment variables `STRONGROOM_*` (nested groups with `__`, e.g.
+`STRONGROOM_IDEMPOTENCY__LOCK_TIMEOUT_S`), or `strongroom.toml` in the data dir. Nothing else
+reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class IdempotencySettings(BaseModel):
+    # Stripe keeps keys for at least 24 hours (IETF Idempotency-Key draft §2: expiry documented).
+    ttl_s: int = Field(default=24 * 3600, ge=24 * 3600)
+    # A lock older than this belongs to a request that died; the next retry recovers it
+    # (Brandur Leach, "Implementing Stripe-like idempotency keys": 90 s).
+    lock_timeout_s: float = Field(default=90.0, gt=0)
+    # When true, every POST must carry an Idempotency-Key (draft §2.7: 400 if missing).
+    require_key: bool = False
+    key_max_length: int = 255
+    purge_batch: int = Field(default=1000, ge=1)
+
+
+class PaymentsSettings(BaseModel):
+    # Intents left in `processing` longer than this are resolved by the recovery sweep.
+    recovery_after_s: float = Field(default=300.0, ge=0)
+    recovery_interval_s: float = Field(default=30.0, gt=0)
+    recovery_batch: int = Field(default=100, ge=1)
+    processor_retry_max: int = Field(default=2, ge=0, le=10)
+    processor_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class AuthSettings(BaseModel):
+    # Keyed hash for API secret keys. Required outside the embedded development mode.
+    key_hash_secret: SecretStr | None = None
+
+
+class VaultSettings(BaseModel):
+    # Until the HSM-backed vault lands: path of the development key file (0600) under DATA_DIR.
+    key_file: Path | None = None
+    # CVCs live in memory only, until the first authorization, and at most this long.
+    cvc_ttl_s: float = Field(default=600.0, gt=0, le=600)
+    cvc_cache_max: int = Field(default=100_000, ge=1)
+
+
+class HttpSettings(BaseModel):
+    max_body_bytes: int = 256 * 1024
+    page_limit_max: int = 100
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STRONGROOM_", env_nested_delimiter="__", extra="ignore")
+
+    data_dir: Path = Path(".strongroom")
+    database_url: str | None = None
+    redis_url: str | None = None
+    hsm_module: Path | None = None
+    hsm_token_label: str | None = None
+    hsm_pin: SecretStr | None = None
+    # The embedded development mode: SQLite, local key files, sandbox processor, secrets
+    # generated on first run. Production sets this false and must configure every secret.
+    development: bool = True
+    log_level: str = "info"
+    # The address clients reach this server at (used in redirect URLs such as 3-D Secure).
+    public_url: str = "http://127.0.0.1:8080"
+
+    idempotency: IdempotencySettings = IdempotencySettings()
+    payments: PaymentsSettings = PaymentsSettings()
+    auth: AuthSettings = AuthSettings()
+    vault: VaultSettings = VaultSettings()
+    http: HttpSettings = HttpSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        data_dir = _data_dir_hint(init_settings, env_settings)
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=data_dir / "strongroom.toml")
+        return (init_settings, env_settings, toml)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'strongroom.db').resolve()}"
+
+
+def _data_dir_hint(init_settings: PydanticBaseSettingsSource, env_settings: PydanticBaseSettingsSource) -> Path:
+    init: dict[str, Any] = init_settings()
+    if init.get("data_dir"):
+        return Path(init["data_dir"])
+    env: dict[str, Any] = env_settings()
+    return Path(env.get("data_dir") or ".strongroom")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,1 @@
+"""The card vault: the only code that sees a full card number."""
