@@ -66,16 +66,17 @@ def build_services(settings: Settings, db: Database, public_url: str) -> Service
         )
     keystore = DevelopmentKeystore(settings.vault.key_file or settings.data_dir / "keys" / "dev-kek.key")
     vault = Vault(keystore, CvcCache(settings.vault.cvc_ttl_s, settings.vault.cvc_cache_max))
-    router = Router(sandbox=SandboxConnector(SandboxProcessor(db)))
+    sandbox = SandboxProcessor(db)
+    router = Router(sandbox=SandboxConnector(sandbox))
     payments = PaymentsContext(
         db=db,
         vault=vault,
         router=router,
-        settings=settings.payments,
+        settings=settings.payments.model_copy(update={"failpoint_allowed": settings.development}),
         lock_timeout_s=settings.idempotency.lock_timeout_s,
         public_url=public_url.rstrip("/"),
     )
-    return Services(settings=settings, db=db, hasher=key_hasher(settings), payments=payments)
+    return Services(settings=settings, db=db, hasher=key_hasher(settings), payments=payments, sandbox=sandbox)
 
 
 async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[object]]) -> None:

@@ -8,7 +8,7 @@ reads `os.environ`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import (
@@ -38,6 +38,11 @@ class PaymentsSettings(BaseModel):
     recovery_batch: int = Field(default=100, ge=1)
     processor_retry_max: int = Field(default=2, ge=0, le=10)
     processor_timeout_s: float = Field(default=10.0, gt=0)
+    # Failure injection for crash-recovery tests: "exit_after_processor_call" ends the process
+    # between the processor's answer and the commit that records it. Honoured only in
+    # development mode.
+    failpoint: Literal["", "exit_after_processor_call"] = ""
+    failpoint_allowed: bool = False  # set from `Settings.development` at start-up
 
 
 class AuthSettings(BaseModel):

@@ -20,6 +20,7 @@ from strongroom.api.body import read_params
 from strongroom.api.errors import error_body, error_response
 from strongroom.auth.models import Principal
 from strongroom.auth.service import KeyHasher
+from strongroom.connectors.sandbox import SandboxProcessor
 from strongroom.errors import InvalidRequest, StrongroomError
 from strongroom.idempotency import service as idempotency
 from strongroom.idempotency.service import NULL_RECORDER, Claim, Recorder, Replay
@@ -39,6 +40,8 @@ class Services:
     db: Database
     hasher: KeyHasher
     payments: PaymentsContext
+    # The built-in simulated processor (tests and benchmarks count its charges).
+    sandbox: SandboxProcessor
 
 
 def services(request: Request) -> Services:

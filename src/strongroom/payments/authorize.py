@@ -108,6 +108,7 @@ async def drive(ctx: PaymentsContext, principal: Principal, attempt: Attempt, re
     )
     connector = ctx.router.for_mode(principal.livemode)
     outcome = await processing.call(ctx.settings, "authorize", lambda: connector.authorize(request))
+    processing.failpoint(ctx.settings, "exit_after_processor_call")
     async with ctx.db.tx() as conn:
         finished = await finish(conn, ctx, principal, attempt, outcome, rec)
     if not isinstance(outcome, ProcessorTimeout):

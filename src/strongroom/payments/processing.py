@@ -5,6 +5,7 @@ outcomes the services act on."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -37,3 +38,10 @@ async def call(settings: PaymentsSettings, op: str, fn: Callable[[], Awaitable[T
         log.info("processor.outcome", op=op, outcome=type(exc).__name__, raw_code=exc.raw_code)
         return exc
     raise AssertionError("unreachable")  # pragma: no cover - tenacity either returns or reraises
+
+
+def failpoint(settings: PaymentsSettings, name: str) -> None:
+    """Crash here if a crash-recovery test asked for it (see `PaymentsSettings.failpoint`)."""
+    if settings.failpoint == name and settings.failpoint_allowed:
+        log.warning("failpoint.exit", name=name)
+        os._exit(75)
