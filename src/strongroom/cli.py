@@ -13,6 +13,7 @@ import typer
 
 from strongroom.auth import service as auth_service
 from strongroom.auth.models import NewMerchant
+from strongroom.bench.cli import bench
 from strongroom.settings import Settings, load_settings
 from strongroom.store.db import Database
 from strongroom.store.migrate import upgrade
@@ -20,6 +21,7 @@ from strongroom.store.migrate import upgrade
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Strongroom payment platform")
 merchants_app = typer.Typer(no_args_is_help=True, help="Merchant accounts")
 app.add_typer(merchants_app, name="merchants")
+app.command("bench")(bench)
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default .strongroom)")]
 

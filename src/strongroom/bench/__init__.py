@@ -1,0 +1,1 @@
+"""The payments load benchmark (`strongroom bench`, `benchmarks/payments_load.py`)."""

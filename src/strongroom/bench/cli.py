@@ -1,0 +1,45 @@
+"""`strongroom bench`: one measured run, side by side with pgbench, written to JSON (+ PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from strongroom.bench import report, runner
+
+
+def bench(
+    database_url: Annotated[str, typer.Option(help="PostgreSQL server to use (a fresh database is created)")] = (
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+    ),
+    clients: Annotated[int, typer.Option(help="Concurrent clients (and pgbench clients)")] = 32,
+    duration: Annotated[float, typer.Option(help="Measured seconds, after the warm-up")] = 20.0,
+    warmup: Annotated[float, typer.Option(help="Warm-up seconds")] = 5.0,
+    workers: Annotated[int, typer.Option(help="API worker processes")] = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures here")] = None,
+    plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here")] = None,
+    pgbench: Annotated[bool, typer.Option(help="Measure pgbench TPC-B in the same run")] = True,
+) -> None:
+    """Payments per second and latency against PostgreSQL's own ceiling (pgbench TPC-B)."""
+    config = runner.BenchConfig(database_url, clients, duration, warmup, workers)
+    result = runner.run(config)
+    samples = result.pop("_samples")
+    tps = runner.pgbench_tps(database_url, clients, duration) if pgbench else None
+    result["pgbench_tps"] = tps
+    result["ratio"] = round(result["payments_per_s"] / tps, 3) if tps else None
+    _emit(result, json_out)
+    if plot_out is not None:
+        report.plot(samples, plot_out, f"{workers} workers, {clients} clients")
+    if result["double_charges"] or not result["processor_matches_ledger"]:
+        raise typer.Exit(1)
+
+
+def _emit(result: dict[str, Any], path: Path | None) -> None:
+    text = json.dumps(result, indent=2, sort_keys=True)
+    typer.echo(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")

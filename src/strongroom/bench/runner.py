@@ -1,0 +1,214 @@
+"""Orchestrates one benchmark run on PostgreSQL: a fresh database, the server with N workers, a
+merchant, the load generator in its own process, pgbench TPC-B against the same server at the
+same client count, and the correctness checks (charges at the processor == succeeded payments,
+no payment authorized twice)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import multiprocessing
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from strongroom.bench import load, report
+
+_CLI = [sys.executable, "-c", "from strongroom.cli import main; main()"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    database_url: str
+    clients: int = 32
+    duration_s: float = 20.0
+    warmup_s: float = 5.0
+    workers: int = 2
+    payment_methods: int = 64
+    pgbench: bool = True
+    data_dir: Path = Path("benchmarks/out")
+
+
+async def _admin(url: str, statement: str) -> None:
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    async with engine.connect() as conn:
+        await conn.execute(sa.text(statement))
+    await engine.dispose()
+
+
+@contextlib.contextmanager
+def fresh_database(admin_url: str, prefix: str) -> Iterator[str]:
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    asyncio.run(_admin(admin_url, f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def server(env: dict[str, str], workers: int, data_dir: Path) -> Iterator[str]:
+    port = _free_port()
+    log = (data_dir / "server.log").open("wb")
+    cmd = [*_CLI, "serve", "--port", str(port), "--workers", str(workers), "--data-dir", str(data_dir)]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}; see {data_dir / 'server.log'}")
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("server did not become ready in 60 s")
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def _cli(args: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run([*_CLI, *args], env=env, capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout
+
+
+def _payment_methods(url: str, key: str, count: int) -> tuple[str, ...]:
+    ids = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        for _ in range(count):
+            data = {
+                "type": "card",
+                "card[number]": "4242424242424242",
+                "card[exp_month]": "12",
+                "card[exp_year]": "2040",
+            }
+            response = client.post("/v1/payment_methods", data=data)
+            response.raise_for_status()
+            ids.append(response.json()["id"])
+    return tuple(ids)
+
+
+def run_load(spec: load.LoadSpec) -> list[load.Sample]:
+    """The load generator in a separate process (spawned: no state shared with this one)."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(load.run, spec).result(timeout=spec.warmup_s + spec.duration_s + 300)
+
+
+def pgbench_tps(admin_url: str, clients: int, duration_s: float) -> float:
+    """TPC-B-like built-in script, same server, same client count, in a database of its own."""
+    with fresh_database(admin_url, "strongroom_pgbench") as url:
+        parsed = make_url(url)
+        conn = ["-h", parsed.host or "127.0.0.1", "-p", str(parsed.port or 5432), "-U", parsed.username or "postgres"]
+        subprocess.run(
+            ["pgbench", "-i", "-q", "-s", "10", *conn, parsed.database or ""], check=True, capture_output=True
+        )
+        threads = str(min(clients, 2))
+        out = subprocess.run(
+            [
+                "pgbench",
+                "-c",
+                str(clients),
+                "-j",
+                threads,
+                "-T",
+                str(int(duration_s)),
+                "-M",
+                "prepared",
+                *conn,
+                parsed.database or "",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    match = re.search(r"tps = ([0-9.]+)", out)
+    if match is None:
+        raise RuntimeError(f"pgbench printed no tps: {out}")
+    return float(match.group(1))
+
+
+async def _correctness(url: str, merchant_id: str) -> dict[str, int]:
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        succeeded = await conn.scalar(
+            sa.text("SELECT count(*) FROM payment_intents WHERE merchant_id = :m AND status = 'succeeded'"),
+            {"m": merchant_id},
+        )
+        charged = await conn.scalar(
+            sa.text("SELECT count(*) FROM sandbox_charges WHERE merchant_id = :m"), {"m": merchant_id}
+        )
+        doubled = await conn.scalar(
+            sa.text(
+                "SELECT count(*) FROM (SELECT payment_intent_id FROM charges WHERE merchant_id = :m "
+                "AND status = 'succeeded' GROUP BY payment_intent_id HAVING count(*) > 1) d"
+            ),
+            {"m": merchant_id},
+        )
+    await engine.dispose()
+    return {
+        "succeeded_payments": int(succeeded or 0),
+        "processor_charges": int(charged or 0),
+        "double_charges": int(doubled or 0),
+    }
+
+
+def run(config: BenchConfig, *, rate_per_s: float = 0.0) -> dict[str, Any]:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    with fresh_database(config.database_url, "strongroom_bench") as url:
+        data_dir = config.data_dir / f"run_{secrets.token_hex(3)}"
+        data_dir.mkdir(parents=True)
+        env = {**os.environ, "STRONGROOM_DATABASE_URL": url, "STRONGROOM_LOG_LEVEL": "warning"}
+        _cli(["migrate", "--data-dir", str(data_dir)], env)
+        merchant = json.loads(_cli(["merchants", "create", "Bench", "--json", "--data-dir", str(data_dir)], env))
+        with server(env, config.workers, data_dir) as base_url:
+            methods = _payment_methods(base_url, merchant["secret_key"], config.payment_methods)
+            spec = load.LoadSpec(
+                base_url,
+                merchant["secret_key"],
+                methods,
+                config.clients,
+                config.warmup_s,
+                config.duration_s,
+                rate_per_s,
+            )
+            samples = run_load(spec)
+        checks = asyncio.run(_correctness(url, merchant["id"]))
+    result = report.summarize(samples, config.duration_s)
+    result.update(checks)
+    result["processor_matches_ledger"] = checks["succeeded_payments"] == checks["processor_charges"]
+    result["config"] = {"clients": config.clients, "workers": config.workers, "duration_s": config.duration_s}
+    result["_samples"] = samples
+    return result

@@ -1,0 +1,38 @@
+"""Smoke run of the payments benchmark (issue: figures come from `strongroom bench`, not tests):
+a few seconds on PostgreSQL, asserting correctness only — never speed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from strongroom.bench import report, runner
+
+PG_URL = os.environ.get("STRONGROOM_TEST_DATABASE_URL")
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize("database_url", [PG_URL] if PG_URL else [])
+def test_benchmark_smoke_run_charges_exactly_once_per_succeeded_payment(database_url: str, tmp_path: Path) -> None:
+    config = runner.BenchConfig(
+        database_url, clients=4, duration_s=2.0, warmup_s=0.5, workers=1, payment_methods=4, data_dir=tmp_path
+    )
+    result = runner.run(config)
+    samples = result.pop("_samples")
+    assert result["succeeded"] > 0
+    assert result["errors"] == {}
+    assert result["double_charges"] == 0
+    assert result["processor_charges"] == result["succeeded_payments"]
+    report.plot(samples, tmp_path / "plot.png", "smoke")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert runner.pgbench_tps(database_url, 2, 1) > 0
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert report.percentile(values, 50) == 50.0
+    assert report.percentile(values, 99) == 99.0
+    assert report.percentile(values, 100) == 100.0
+    assert report.percentile([], 50) == 0.0
