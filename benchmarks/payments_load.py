@@ -1,4 +1,6 @@
-"""Payments load benchmark, runnable alone: `python benchmarks/payments_load.py --clients 32 --duration 20 --json out.json`.
+"""Payments load benchmark, runnable alone:
+
+    python benchmarks/payments_load.py --clients 32 --duration 20 --json out.json
 
 Same options as `strongroom bench` (see src/strongroom/bench/).
 """

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from strongroom.bench import load, report
+from strongroom.payments.sandbox_aliases import ALIASES
 
 _CLI = [sys.executable, "-c", "from strongroom.cli import main; main()"]
 
@@ -110,7 +112,7 @@ def _payment_methods(url: str, key: str, count: int) -> tuple[str, ...]:
         for _ in range(count):
             data = {
                 "type": "card",
-                "card[number]": "4242424242424242",
+                "card[number]": ALIASES["pm_card_visa"],
                 "card[exp_month]": "12",
                 "card[exp_year]": "2040",
             }
@@ -132,13 +134,12 @@ def pgbench_tps(admin_url: str, clients: int, duration_s: float) -> float:
     with fresh_database(admin_url, "strongroom_pgbench") as url:
         parsed = make_url(url)
         conn = ["-h", parsed.host or "127.0.0.1", "-p", str(parsed.port or 5432), "-U", parsed.username or "postgres"]
-        subprocess.run(
-            ["pgbench", "-i", "-q", "-s", "10", *conn, parsed.database or ""], check=True, capture_output=True
-        )
+        pgbench = shutil.which("pgbench") or "pgbench"
+        subprocess.run([pgbench, "-i", "-q", "-s", "10", *conn, parsed.database or ""], check=True, capture_output=True)
         threads = str(min(clients, 2))
         out = subprocess.run(
             [
-                "pgbench",
+                pgbench,
                 "-c",
                 str(clients),
                 "-j",
