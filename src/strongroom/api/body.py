@@ -265,9 +265,31 @@ async def read_params(request: Request) -> dict[str, Any]:
     cached = getattr(request.state, "params", None)
     if isinstance(cached, dict):
         return cached
+    if "\x00" in request.scope.get("path", ""):
+        raise InvalidRequest(_NUL_MESSAGE.format(where="The URL path"))
     if request.method in _BODY_METHODS:
         params = await _read_body_params(request)
     else:
         params = parse_form(request.scope.get("query_string", b""))
+    _reject_nul(params, "")
     request.state.params = params
     return params
+
+
+_NUL_MESSAGE = "{where} must not contain NUL characters (\\u0000)."
+
+
+def _reject_nul(value: Any, path: str) -> None:
+    """PostgreSQL text and JSON cannot hold U+0000: refuse it up front, the same on every database."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidRequest(_NUL_MESSAGE.format(where=f"Parameter {path}"), param=path)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            child = _join(path, key)
+            if "\x00" in key:
+                raise InvalidRequest(_NUL_MESSAGE.format(where="Parameter names"), param=path or None)
+            _reject_nul(item, child)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _reject_nul(item, _join(path, str(index)))

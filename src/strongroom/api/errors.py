@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 
 import orjson
 import structlog
@@ -11,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 
 from strongroom.errors import StrongroomError
 
@@ -33,11 +35,30 @@ def error_response(exc: StrongroomError, headers: dict[str, str] | None = None) 
     return Response(error_body(exc), exc.http_status, headers=extra, media_type="application/json")
 
 
-def _request_error(message: str, status: int, code: str | None = None) -> Response:
+def _request_error(
+    message: str, status: int, code: str | None = None, headers: Mapping[str, str] | None = None
+) -> Response:
     body: dict[str, object] = {"type": "invalid_request_error", "message": message}
     if code:
         body["code"] = code
-    return Response(orjson.dumps({"error": body}), status, media_type="application/json")
+    return Response(orjson.dumps({"error": body}), status, headers=headers, media_type="application/json")
+
+
+_METHODS = ("GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods some route on this path fully matches. Starlette's own `Allow` names only the
+    first route's (GET on /v1/customers/{id}, without its POST and DELETE); FastAPI nests routers,
+    so each method is probed through the app's routing rather than read off flat routes."""
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in request.app.router.routes
+        )
+    ]
+    return ", ".join(allowed)
 
 
 def install(app: FastAPI) -> None:
@@ -52,10 +73,14 @@ def install(app: FastAPI) -> None:
                 f"Unrecognized request URL ({request.method}: {request.url.path}).", 404, "resource_missing"
             )
         if exc.status_code == 405:
+            # RFC 9110 §15.5.6: a 405 lists the resource's methods in `Allow`.
             return _request_error(
-                f"Unrecognized request URL ({request.method}: {request.url.path}).", 405, "method_not_allowed"
+                f"Unrecognized request URL ({request.method}: {request.url.path}).",
+                405,
+                "method_not_allowed",
+                {"Allow": _allowed_methods(request)},
             )
-        return _request_error(str(exc.detail), exc.status_code)
+        return _request_error(str(exc.detail), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -136,13 +136,32 @@ async def post(
         key,
         request.method,
         request.url.path,
-        raw,
+        _without_card_data(raw, svc.hasher),
         lock_timeout_s=svc.settings.idempotency.lock_timeout_s,
         ttl_s=svc.settings.idempotency.ttl_s,
     )
     if isinstance(claimed, Replay):
         return json_response(claimed.body, claimed.status, {"Idempotent-Replayed": "true", "Idempotency-Key": key})
     return await _run(svc, principal, params, op, render, _HttpRecorder(claimed, principal, render), claimed)
+
+
+_CARD_SECRETS = ("number", "cvc")
+
+
+def _without_card_data(raw: dict[str, Any], hasher: KeyHasher) -> dict[str, Any]:
+    """The parameters the idempotency record is computed from, with the card number and CVC
+    replaced by their HMAC under a server-held key. That record is an unkeyed hash kept for a day
+    or more; over the raw PAN and CVC it could be reversed by hashing the few values that the
+    stored BIN, last 4 and expiry leave (PCI DSS 3.5.1.1, 3.3.1.2). The HMAC still tells a
+    different card from the same one, so a reused key with another card is still a mismatch."""
+    card = raw.get("card")
+    if not isinstance(card, dict):
+        return raw
+    keyed = {
+        name: hasher.digest(f"idempotency/card/{name}/{value}").hex() if name in _CARD_SECRETS else value
+        for name, value in card.items()
+    }
+    return {**raw, "card": keyed}
 
 
 async def _run(

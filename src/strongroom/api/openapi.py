@@ -58,7 +58,8 @@ def body(model: type[BaseModel]) -> dict[str, Any]:
     ref = _ref(model, "validation")
     return {
         "requestBody": {
-            "required": False,
+            # Optional only when every parameter is: an empty body cannot create a payment intent.
+            "required": bool(_registry[model.__name__].get("required")),
             "content": {"application/json": {"schema": ref}},
         }
     }

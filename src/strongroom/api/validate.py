@@ -29,6 +29,9 @@ def _first_error(exc: ValidationError) -> InvalidRequest:
     unknown = [e for e in errors if e["type"] == "extra_forbidden"]
     first = unknown[0] if unknown else errors[0]
     loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+    if loc[-1:] == ("[key]",):
+        # pydantic marks an invalid dict key (not its value) with a trailing "[key]".
+        loc = loc[:-1]
     param = bracket(loc)
     if first["type"] == "extra_forbidden":
         return UnknownParameter(param)

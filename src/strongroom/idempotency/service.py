@@ -182,13 +182,16 @@ async def _restart(conn: AsyncConnection, claim_: Claim, fp: bytes, method: str,
 
 
 async def purge_expired(db: Database, *, ttl_s: float, batch: int) -> int:
-    """Delete keys older than the TTL, at most `batch` at a time (bounded work per call)."""
+    """Delete keys older than the TTL, at most `batch` at a time (bounded work per call).
+
+    A key still locked is skipped unless its lock is itself older than the TTL: that request
+    died long ago (`claim` already treats the key as new), and its row must not live forever."""
     cutoff = utcnow() - dt.timedelta(seconds=ttl_s)
     async with db.tx() as conn:
         victims = (
             await conn.execute(
                 sa.select(keys.c.merchant_id, keys.c.livemode, keys.c.key)
-                .where(keys.c.created < cutoff, keys.c.locked_at.is_(None))
+                .where(keys.c.created < cutoff, sa.or_(keys.c.locked_at.is_(None), keys.c.locked_at < cutoff))
                 .limit(batch)
             )
         ).all()

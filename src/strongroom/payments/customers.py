@@ -42,8 +42,8 @@ async def create(conn: AsyncConnection, principal: Principal, p: CustomerCreate,
     return row
 
 
-async def retrieve(conn: AsyncConnection, principal: Principal, customer_id: str) -> RowMapping:
-    return await load(conn, customers, principal, customer_id, "customer")
+async def retrieve(conn: AsyncConnection, principal: Principal, customer_id: str, *, param: str = "id") -> RowMapping:
+    return await load(conn, customers, principal, customer_id, "customer", param=param)
 
 
 async def live(conn: AsyncConnection, principal: Principal, customer_id: str, *, param: str = "customer") -> RowMapping:

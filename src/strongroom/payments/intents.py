@@ -133,9 +133,13 @@ async def _update_values(
     conn: AsyncConnection, ctx: PaymentsContext, principal: Principal, intent: RowMapping, p: IntentUpdate
 ) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for field in ("description", "receipt_email", "statement_descriptor", "capture_method"):
+    # Nullable fields: an explicit null clears them.
+    for field in ("description", "receipt_email", "statement_descriptor"):
         if field in p.model_fields_set:
             values[field] = getattr(p, field)
+    # capture_method is NOT NULL: a JSON null leaves it unchanged, like amount and currency.
+    if p.capture_method is not None:
+        values["capture_method"] = p.capture_method
     currency = get_currency(p.currency) if p.currency is not None else get_currency(intent["currency"])
     if p.currency is not None:
         values["currency"] = currency.code

@@ -150,9 +150,16 @@ async def update(
 
 
 async def attach(
-    conn: AsyncConnection, principal: Principal, pm_id: str, p: PaymentMethodAttach, rec: Recorder
+    conn: AsyncConnection,
+    principal: Principal,
+    pm_id: str,
+    p: PaymentMethodAttach,
+    rec: Recorder,
+    *,
+    pm_param: str = "id",
 ) -> RowMapping:
-    row = await retrieve(conn, principal, pm_id)
+    """`pm_param` names the payment method in a 404: "id" on its own route, the referring field elsewhere."""
+    row = await load(conn, payment_methods, principal, pm_id, "payment_method", param=pm_param)
     await customers_service.live(conn, principal, p.customer)
     if row["customer_id"] not in (None, p.customer):
         raise InvalidRequest(
@@ -187,7 +194,7 @@ async def _set(
 async def list_methods(conn: AsyncConnection, principal: Principal, p: PaymentMethodList) -> Page:
     scope = owned(payment_methods, principal)
     if p.customer is not None:
-        await customers_service.retrieve(conn, principal, p.customer)
+        await customers_service.retrieve(conn, principal, p.customer, param="customer")
         scope.append(payment_methods.c.customer_id == p.customer)
     page = PageRequest(p.limit, p.starting_after, p.ending_before)
     return await fetch_page(conn, payment_methods, scope, page)

@@ -86,6 +86,12 @@ async def _locked_payment(
         intent_id, param = str(p.payment_intent), "payment_intent"
     intent = await load(conn, payment_intents, principal, intent_id, "payment_intent", param=param, for_update=True)
     check_allowed(Operation.REFUND, intent["status"], intent_id)
+    if p.charge is not None and p.charge != intent["latest_charge_id"]:
+        # An earlier, failed attempt's charge moved no money: refunding it must not refund the
+        # intent's successful charge instead.
+        raise InvalidRequest(
+            f"Charge {p.charge} has failed and cannot be refunded.", param="charge", code="charge_not_refundable"
+        )
     charge = await charges.retrieve(conn, principal, intent["latest_charge_id"], param=param)
     return intent, charge
 

@@ -47,7 +47,9 @@ async def create_customer(request: Request) -> Response:
             row = await customers.create(conn, principal, params, _Deferred(rec))
             if params.payment_method is not None:
                 attach = p.PaymentMethodAttach(customer=row["id"])
-                await methods.attach(conn, principal, params.payment_method, attach, _Deferred(rec))
+                await methods.attach(
+                    conn, principal, params.payment_method, attach, _Deferred(rec), pm_param="payment_method"
+                )
             await rec.finish(conn, row)
             return row
 

@@ -48,11 +48,17 @@ async def capture(
         return await resume(ctx, principal, intent_id, rec)
     async with ctx.db.tx() as conn:
         intent = await load(conn, payment_intents, principal, intent_id, "payment_intent", for_update=True)
-        stale = await _take_over_stale(conn, ctx, intent, rec)
-        if not stale:
+        # Status first: a pending authorization (status processing) is never a capture's to finish.
+        check_allowed(Operation.CAPTURE, intent["status"], intent_id)
+        pending = await _pending(conn, ctx, intent, rec, "capture")
+        if pending is None:
             await _begin_capture(conn, principal, intent, p, rec)
-    if stale:
+    if pending == "own":
         return await resume(ctx, principal, intent_id, rec)
+    if pending == "other":
+        # A dead request's void comes first; this capture is then judged on its outcome.
+        await resume(ctx, principal, intent_id, NULL_RECORDER)
+        return await capture(ctx, principal, intent_id, p, rec)
     return await drive(ctx, principal, intent_id, rec)
 
 
@@ -81,17 +87,21 @@ async def cancel(
         return await resume(ctx, principal, intent_id, rec)
     async with ctx.db.tx() as conn:
         intent = await load(conn, payment_intents, principal, intent_id, "payment_intent", for_update=True)
-        stale = await _take_over_stale(conn, ctx, intent, rec)
-        if not stale:
-            check_allowed(Operation.CANCEL, intent["status"], intent_id)
+        check_allowed(Operation.CANCEL, intent["status"], intent_id)
+        pending = await _pending(conn, ctx, intent, rec, "void")
+        if pending is None:
             if intent["status"] != S.REQUIRES_CAPTURE:
                 intent = await _canceled(conn, principal, intent, p.cancellation_reason)
                 await rec.finish(conn, intent)
                 return Finished(intent, None)
             await set_intent(conn, principal, intent_id, cancellation_reason=p.cancellation_reason)
             await _begin(conn, principal, intent, "void", intent["amount_capturable"], rec)
-    if stale:
+    if pending == "own":
         return await resume(ctx, principal, intent_id, rec)
+    if pending == "other":
+        # A dead request's capture comes first; this cancel is then judged on its outcome.
+        await resume(ctx, principal, intent_id, NULL_RECORDER)
+        return await cancel(ctx, principal, intent_id, p, rec)
     return await drive(ctx, principal, intent_id, rec)
 
 
@@ -180,15 +190,20 @@ async def _voided(conn: AsyncConnection, principal: Principal, intent: RowMappin
     return intent
 
 
-async def _take_over_stale(conn: AsyncConnection, ctx: PaymentsContext, intent: RowMapping, rec: Recorder) -> bool:
-    """True when the intent has an operation pending whose request died: the caller resumes it
-    (after this transaction commits). Refuses while that request may still be running."""
+async def _pending(
+    conn: AsyncConnection, ctx: PaymentsContext, intent: RowMapping, rec: Recorder, op: str
+) -> str | None:
+    """None when nothing is pending. Otherwise the pending operation's request died (else: 409):
+    "own" when it is the same operation (this request takes it over and resumes it), "other"
+    when it is another one (the caller finishes it first, then decides afresh)."""
     if intent["pending_op"] is None:
-        return False
+        return None
     if not authorize.is_stale(intent, ctx.lock_timeout_s):
         raise _busy(intent)
+    if intent["pending_op"] != op:
+        return "other"
     await rec.checkpoint(conn, intent["id"])
-    return True
+    return "own"
 
 
 async def resume(ctx: PaymentsContext, principal: Principal, intent_id: str, rec: Recorder) -> Finished:

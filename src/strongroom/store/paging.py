@@ -32,6 +32,11 @@ async def fetch_page(
     page: PageRequest,
 ) -> Page:
     """`scope` must include the merchant and mode filters; the cursor object must match it too."""
+    if page.starting_after and page.ending_before:
+        # Together they would describe no page (the query would run in one direction from one cursor).
+        raise InvalidRequest(
+            "You may only specify one of these parameters: ending_before, starting_after.", param="ending_before"
+        )
     order_key = sa.tuple_(table.c.created, table.c.id)
     query = sa.select(table).where(*scope)
     cursor_id = page.starting_after or page.ending_before
