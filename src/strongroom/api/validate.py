@@ -38,4 +38,6 @@ def _first_error(exc: ValidationError) -> InvalidRequest:
     if first["type"] == "missing":
         return MissingParameter(param)
     message = first["msg"].removeprefix("Value error, ")
+    if message.startswith("Invalid integer"):
+        return InvalidRequest(f"Invalid {param}: {message}", param=param, code="parameter_invalid_integer")
     return InvalidRequest(f"Invalid {param}: {message}", param=param)

@@ -154,7 +154,10 @@ async def _succeed(
             intent["id"],
             status=S.REQUIRES_ACTION,
             authentication_token=token,
-            next_action={"type": "redirect_to_url", "redirect_to_url": {"url": url, "return_url": None}},
+            next_action={
+                "type": "redirect_to_url",
+                "redirect_to_url": {"url": url, "return_url": intent["return_url"]},
+            },
             **cleared,
         )
         await events.record(conn, principal, "payment_intent.requires_action", views.payment_intent(intent))

@@ -71,6 +71,7 @@ async def create(ctx: PaymentsContext, principal: Principal, p: IntentCreate, re
                 description=p.description,
                 receipt_email=p.receipt_email,
                 statement_descriptor=p.statement_descriptor,
+                return_url=p.return_url,
                 metadata=dict(p.metadata),
                 client_secret=f"{intent_id}_secret_{secrets.token_urlsafe(18)}",
                 connector=ctx.router.for_mode(principal.livemode).name,
@@ -110,10 +111,15 @@ async def confirm(
             extra: dict[str, Any] = {}
             if p.receipt_email is not None:
                 extra["receipt_email"] = p.receipt_email
+            if p.return_url is not None:
+                extra["return_url"] = p.return_url
             if extra:
                 intent = await authorize.set_intent(conn, principal, intent_id, **extra)
             attempt = await authorize.begin(conn, principal, intent, pm["id"], rec)
     return await authorize.drive(ctx, principal, attempt, rec)
+
+
+_ANNOTATIONS = frozenset({"metadata", "description", "receipt_email", "expand"})
 
 
 async def update(
@@ -121,7 +127,10 @@ async def update(
 ) -> RowMapping:
     async with ctx.db.tx() as conn:
         intent = await load(conn, payment_intents, principal, intent_id, "payment_intent", for_update=True)
-        check_allowed(Operation.UPDATE, intent["status"], intent_id)
+        if p.model_fields_set - _ANNOTATIONS:
+            # Only what the payment is (amount, currency, card, capture) is frozen once confirmed;
+            # Stripe lets a merchant annotate an intent in any status.
+            check_allowed(Operation.UPDATE, intent["status"], intent_id)
         values = await _update_values(conn, ctx, principal, intent, p)
         if values:
             intent = await authorize.set_intent(conn, principal, intent_id, **values)

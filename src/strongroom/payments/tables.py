@@ -62,6 +62,7 @@ payment_intents = _owned(
     sa.Column("description", sa.String(1000)),
     sa.Column("receipt_email", sa.String(512)),
     sa.Column("statement_descriptor", sa.String(22)),
+    sa.Column("return_url", sa.String(2048)),
     sa.Column("metadata", Json, nullable=False),
     sa.Column("last_payment_error", Json),
     sa.Column("next_action", Json),
