@@ -21,7 +21,7 @@ from strongroom import __version__
 from strongroom.api import errors as api_errors
 from strongroom.api import openapi
 from strongroom.api.http import Services
-from strongroom.auth.service import KeyHasher
+from strongroom.auth.service import KeyHasher, PrincipalCache
 from strongroom.connectors.routing import Router
 from strongroom.connectors.sandbox import SandboxConnector, SandboxProcessor
 from strongroom.events import routes as event_routes
@@ -76,7 +76,14 @@ def build_services(settings: Settings, db: Database, public_url: str) -> Service
         lock_timeout_s=settings.idempotency.lock_timeout_s,
         public_url=public_url.rstrip("/"),
     )
-    return Services(settings=settings, db=db, hasher=key_hasher(settings), payments=payments, sandbox=sandbox)
+    return Services(
+        settings=settings,
+        db=db,
+        hasher=key_hasher(settings),
+        payments=payments,
+        sandbox=sandbox,
+        principals=PrincipalCache(settings.auth.key_cache_ttl_s),
+    )
 
 
 async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[object]]) -> None:

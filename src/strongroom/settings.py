@@ -48,6 +48,9 @@ class PaymentsSettings(BaseModel):
 class AuthSettings(BaseModel):
     # Keyed hash for API secret keys. Required outside the embedded development mode.
     key_hash_secret: SecretStr | None = None
+    # Authenticated keys are remembered this long per API process (saves a round trip per
+    # request); a revoked key may keep working this long. 0 disables.
+    key_cache_ttl_s: float = Field(default=10.0, ge=0, le=60)
 
 
 class VaultSettings(BaseModel):

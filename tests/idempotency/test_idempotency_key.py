@@ -581,7 +581,8 @@ async def test_i3_crash_after_processor_call_resumes_recovery_point_with_one_aut
 
     async with services.db.tx() as conn:
         intent = await load(conn, payment_intents, principal, intent_id, "payment_intent", for_update=True)
-        attempt = await authorize.begin(conn, principal, intent, intent["payment_method_id"], claimed)  # type: ignore[arg-type]
+        pm = await load(conn, payment_methods, principal, intent["payment_method_id"], "payment_method")
+        attempt = await authorize.begin(conn, principal, intent, pm, claimed)  # type: ignore[arg-type]
     assert attempt.key == f"{intent_id}:auth:1"
     assert (await key_row(services, merchant.id, key)).resource_id == intent_id
     assert (await api.get(f"/v1/payment_intents/{intent_id}")).json()["status"] == "processing"

@@ -34,7 +34,12 @@ def presented_key(request: Request) -> str:
     raise AuthenticationFailed("Invalid Authorization header: use Bearer auth.")
 
 
-async def authenticate(request: Request, db: Database, hasher: auth_service.KeyHasher) -> Principal:
+async def authenticate(
+    request: Request, db: Database, hasher: auth_service.KeyHasher, cache: auth_service.PrincipalCache
+) -> Principal:
     key = presented_key(request)
+    cached = auth_service.cached_principal(hasher, key, cache)
+    if cached is not None:
+        return cached
     async with db.read() as conn:
-        return await auth_service.authenticate(conn, hasher, key)
+        return await auth_service.authenticate(conn, hasher, key, cache)

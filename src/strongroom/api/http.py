@@ -19,7 +19,7 @@ from strongroom.api.auth import authenticate
 from strongroom.api.body import read_params
 from strongroom.api.errors import error_body, error_response
 from strongroom.auth.models import Principal
-from strongroom.auth.service import KeyHasher
+from strongroom.auth.service import KeyHasher, PrincipalCache
 from strongroom.connectors.sandbox import SandboxProcessor
 from strongroom.errors import InvalidRequest, StrongroomError
 from strongroom.idempotency import service as idempotency
@@ -42,6 +42,7 @@ class Services:
     payments: PaymentsContext
     # The built-in simulated processor (tests and benchmarks count its charges).
     sandbox: SandboxProcessor
+    principals: PrincipalCache
 
 
 def services(request: Request) -> Services:
@@ -55,7 +56,7 @@ def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None
 
 async def principal_and_params(request: Request, model: type[M]) -> tuple[Principal, M]:
     svc = services(request)
-    principal = await authenticate(request, svc.db, svc.hasher)
+    principal = await authenticate(request, svc.db, svc.hasher, svc.principals)
     params = await read_params(request)
     return principal, validate.parse(model, params)
 
@@ -118,7 +119,7 @@ async def post(
     render_for: RenderFor,
 ) -> Response:
     svc = services(request)
-    principal = await authenticate(request, svc.db, svc.hasher)
+    principal = await authenticate(request, svc.db, svc.hasher, svc.principals)
     raw = await read_params(request)
     params = validate.parse(model, raw)
     render = render_for(params)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -58,7 +59,40 @@ async def create_api_key(conn: AsyncConnection, hasher: KeyHasher, merchant_id: 
     return Secret(secret)
 
 
-async def authenticate(conn: AsyncConnection, hasher: KeyHasher, presented: str) -> Principal:
+class PrincipalCache:
+    """Recently authenticated keys, so the hot path skips a database round trip per request.
+
+    Bounded in size and age: a revoked key keeps working for at most `ttl_s` on each API process
+    (0 disables the cache)."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self._ttl_s = ttl_s
+        self._max = max_entries
+        self._items: dict[bytes, tuple[float, Principal]] = {}
+
+    def get(self, digest: bytes) -> Principal | None:
+        item = self._items.get(digest)
+        if item is None or item[0] < time.monotonic():
+            return None
+        return item[1]
+
+    def put(self, digest: bytes, principal: Principal) -> None:
+        if self._ttl_s <= 0:
+            return
+        if len(self._items) >= self._max:
+            self._items.clear()  # crude but bounded: the next requests repopulate it
+        self._items[digest] = (time.monotonic() + self._ttl_s, principal)
+
+
+def cached_principal(hasher: KeyHasher, presented: str, cache: PrincipalCache) -> Principal | None:
+    if not presented.startswith((TEST_PREFIX, LIVE_PREFIX)) or len(presented) > _MAX_KEY_LENGTH:
+        return None
+    return cache.get(hasher.digest(presented))
+
+
+async def authenticate(
+    conn: AsyncConnection, hasher: KeyHasher, presented: str, cache: PrincipalCache | None = None
+) -> Principal:
     if not presented.startswith((TEST_PREFIX, LIVE_PREFIX)) or len(presented) > _MAX_KEY_LENGTH:
         raise AuthenticationFailed()
     digest = hasher.digest(presented)
@@ -75,7 +109,10 @@ async def authenticate(conn: AsyncConnection, hasher: KeyHasher, presented: str)
         raise AuthenticationFailed()
     if row.livemode != presented.startswith(LIVE_PREFIX):
         raise AuthenticationFailed()
-    return Principal(merchant_id=row.merchant_id, livemode=row.livemode, key_id=row.id)
+    principal = Principal(merchant_id=row.merchant_id, livemode=row.livemode, key_id=row.id)
+    if cache is not None:
+        cache.put(digest, principal)
+    return principal
 
 
 async def merchant_exists(conn: AsyncConnection) -> bool:

@@ -30,7 +30,7 @@ from strongroom.errors import CardError
 from strongroom.events import service as events
 from strongroom.idempotency.service import Recorder
 from strongroom.payments import charges, methods, processing, views
-from strongroom.payments.context import PaymentsContext, load, owned
+from strongroom.payments.context import PaymentsContext, load, update_owned
 from strongroom.payments.models import DECLINE_MESSAGES, DECLINE_TOP_CODES, IntentStatus
 from strongroom.payments.tables import payment_intents, payment_methods
 from strongroom.store.db import as_utc, utcnow
@@ -42,6 +42,9 @@ S = IntentStatus
 class Attempt:
     intent_id: str
     key: str
+    # Known when the attempt began in this request; loaded again when a recovery resumes it.
+    intent: RowMapping | None = None
+    payment_method: RowMapping | None = None
 
 
 @dataclass(frozen=True)
@@ -57,28 +60,26 @@ def is_stale(intent: RowMapping, older_than_s: float) -> bool:
 
 async def set_intent(conn: AsyncConnection, principal: Principal, intent_id: str, **values: Any) -> RowMapping:
     values["updated"] = utcnow()
-    where = [*owned(payment_intents, principal), payment_intents.c.id == intent_id]
-    await conn.execute(payment_intents.update().where(*where).values(**values))
-    return await load(conn, payment_intents, principal, intent_id, "payment_intent")
+    return await update_owned(conn, payment_intents, principal, intent_id, "payment_intent", **values)
 
 
 async def begin(
     conn: AsyncConnection,
     principal: Principal,
     intent: RowMapping,
-    payment_method_id: str,
+    pm: RowMapping,
     rec: Recorder,
     *,
     authenticated: bool = False,
 ) -> Attempt:
     attempt = intent["attempt"] + 1
     key = f"{intent['id']}:auth:{attempt}" + (":3ds" if authenticated else "")
-    await set_intent(
+    updated = await set_intent(
         conn,
         principal,
         intent["id"],
         status=S.PROCESSING,
-        payment_method_id=payment_method_id,
+        payment_method_id=pm["id"],
         attempt=attempt,
         pending_op="authorize",
         pending_key=key,
@@ -89,13 +90,16 @@ async def begin(
         authentication_token=None,
     )
     await rec.checkpoint(conn, intent["id"])
-    return Attempt(intent["id"], key)
+    return Attempt(intent["id"], key, updated, pm)
 
 
 async def drive(ctx: PaymentsContext, principal: Principal, attempt: Attempt, rec: Recorder) -> Finished:
-    async with ctx.db.read() as conn:
-        intent = await load(conn, payment_intents, principal, attempt.intent_id, "payment_intent")
-        pm = await load(conn, payment_methods, principal, intent["payment_method_id"], "payment_method")
+    intent, pm = attempt.intent, attempt.payment_method
+    if intent is None or pm is None:
+        async with ctx.db.read() as conn:
+            intent = await load(conn, payment_intents, principal, attempt.intent_id, "payment_intent")
+            pm = await load(conn, payment_methods, principal, intent["payment_method_id"], "payment_method")
+        attempt = Attempt(attempt.intent_id, attempt.key, intent, pm)
     request = AuthorizeRequest(
         idempotency_key=attempt.key,
         merchant_id=principal.merchant_id,
@@ -134,15 +138,23 @@ async def finish(
         # Outcome unknown: the intent stays `processing` until the same key resolves it.
         await rec.finish(conn, intent)
         return Finished(intent, None)
+    pm = attempt.payment_method
+    if pm is None:
+        pm = await load(conn, payment_methods, principal, intent["payment_method_id"], "payment_method")
     if isinstance(outcome, Authorization):
-        intent = await _succeed(conn, ctx, principal, intent, outcome)
+        intent = await _succeed(conn, ctx, principal, intent, pm, outcome)
         await rec.finish(conn, intent)
         return Finished(intent, None)
-    return await _fail(conn, principal, intent, outcome, rec)
+    return await _fail(conn, principal, intent, pm, outcome, rec)
 
 
 async def _succeed(
-    conn: AsyncConnection, ctx: PaymentsContext, principal: Principal, intent: RowMapping, auth: Authorization
+    conn: AsyncConnection,
+    ctx: PaymentsContext,
+    principal: Principal,
+    intent: RowMapping,
+    pm: RowMapping,
+    auth: Authorization,
 ) -> RowMapping:
     cleared: dict[str, Any] = {"pending_op": None, "pending_key": None, "pending_amount": None, "pending_since": None}
     if auth.status is AuthorizationStatus.REQUIRES_ACTION:
@@ -163,7 +175,7 @@ async def _succeed(
         await events.record(conn, principal, "payment_intent.requires_action", views.payment_intent(intent))
         return intent
     captured = auth.status is AuthorizationStatus.CAPTURED
-    charge_id = await charges.insert(
+    charge = await charges.insert(
         conn,
         principal,
         intent,
@@ -181,12 +193,11 @@ async def _succeed(
         status=S.SUCCEEDED if captured else S.REQUIRES_CAPTURE,
         amount_received=intent["amount"] if captured else 0,
         amount_capturable=0 if captured else intent["amount"],
-        latest_charge_id=charge_id,
+        latest_charge_id=charge["id"],
         processor_ref=auth.processor_ref,
         **cleared,
     )
-    charge = await charges.render(conn, principal, await charges.retrieve(conn, principal, charge_id))
-    await events.record(conn, principal, "charge.succeeded", charge)
+    await events.record(conn, principal, "charge.succeeded", views.charge(charge, pm))
     kind = "payment_intent.succeeded" if captured else "payment_intent.amount_capturable_updated"
     await events.record(conn, principal, kind, views.payment_intent(intent))
     return intent
@@ -203,11 +214,15 @@ def card_error(outcome: ProcessorError) -> CardError:
 
 
 async def _fail(
-    conn: AsyncConnection, principal: Principal, intent: RowMapping, outcome: ProcessorError, rec: Recorder
+    conn: AsyncConnection,
+    principal: Principal,
+    intent: RowMapping,
+    pm: RowMapping,
+    outcome: ProcessorError,
+    rec: Recorder,
 ) -> Finished:
     error = card_error(outcome)
-    pm = await load(conn, payment_methods, principal, intent["payment_method_id"], "payment_method")
-    charge_id = await charges.insert(
+    charge = await charges.insert(
         conn,
         principal,
         intent,
@@ -219,6 +234,7 @@ async def _fail(
         failure_message=error.message,
         outcome={"network_status": "declined_by_network", "type": "issuer_declined", "reason": error.decline_code},
     )
+    charge_id = charge["id"]
     last_error = {**error.as_dict(), "charge": charge_id, "payment_method": views.payment_method(pm)}
     intent = await set_intent(
         conn,
@@ -233,8 +249,7 @@ async def _fail(
         pending_amount=None,
         pending_since=None,
     )
-    charge = await charges.render(conn, principal, await charges.retrieve(conn, principal, charge_id))
-    await events.record(conn, principal, "charge.failed", charge)
+    await events.record(conn, principal, "charge.failed", views.charge(charge, pm))
     await events.record(conn, principal, "payment_intent.payment_failed", views.payment_intent(intent))
     error.extra.update({"charge": charge_id, "payment_intent": views.payment_intent(intent)})
     await rec.finish(conn, error)

@@ -18,10 +18,11 @@ from strongroom.store.db import utcnow
 from strongroom.store.paging import Page, PageRequest, fetch_page
 
 
-async def insert(conn: AsyncConnection, principal: Principal, intent: RowMapping, **values: Any) -> str:
+async def insert(conn: AsyncConnection, principal: Principal, intent: RowMapping, **values: Any) -> RowMapping:
     charge_id = new_id("charge")
-    await conn.execute(
-        charges.insert().values(
+    inserted = await conn.execute(
+        charges.insert()
+        .values(
             merchant_id=principal.merchant_id,
             id=charge_id,
             livemode=principal.livemode,
@@ -36,8 +37,9 @@ async def insert(conn: AsyncConnection, principal: Principal, intent: RowMapping
             refunded=False,
             **values,
         )
+        .returning(*charges.c)
     )
-    return charge_id
+    return inserted.mappings().one()
 
 
 async def retrieve(conn: AsyncConnection, principal: Principal, charge_id: str, *, param: str = "id") -> RowMapping:

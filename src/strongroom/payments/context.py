@@ -48,3 +48,14 @@ async def load(
     if row is None:
         raise ResourceMissing(kind, object_id, param=param)
     return row
+
+
+async def update_owned(
+    conn: AsyncConnection, table: sa.Table, principal: Principal, object_id: str, kind: str, **values: object
+) -> RowMapping:
+    """UPDATE … RETURNING: the changed row in the same round trip (PostgreSQL and SQLite ≥ 3.35)."""
+    where = [*owned(table, principal), table.c.id == object_id]
+    row = (await conn.execute(table.update().where(*where).values(**values).returning(*table.c))).mappings().first()
+    if row is None:
+        raise ResourceMissing(kind, object_id)
+    return row

@@ -52,8 +52,9 @@ async def create(ctx: PaymentsContext, principal: Principal, p: IntentCreate, re
         pm = await methods.resolve(conn, ctx.vault, principal, p.payment_method) if p.payment_method else None
         intent_id = new_id("payment_intent")
         now = utcnow()
-        await conn.execute(
-            payment_intents.insert().values(
+        inserted = await conn.execute(
+            payment_intents.insert()
+            .values(
                 merchant_id=principal.merchant_id,
                 id=intent_id,
                 livemode=principal.livemode,
@@ -77,13 +78,14 @@ async def create(ctx: PaymentsContext, principal: Principal, p: IntentCreate, re
                 connector=ctx.router.for_mode(principal.livemode).name,
                 attempt=0,
             )
+            .returning(*payment_intents.c)
         )
-        intent = await load(conn, payment_intents, principal, intent_id, "payment_intent")
+        intent = inserted.mappings().one()
         await events.record(conn, principal, "payment_intent.created", views.payment_intent(intent))
         if not p.confirm or pm is None:
             await rec.finish(conn, intent)
             return Finished(intent, None)
-        attempt = await authorize.begin(conn, principal, intent, pm["id"], rec)
+        attempt = await authorize.begin(conn, principal, intent, pm, rec)
     return await authorize.drive(ctx, principal, attempt, rec)
 
 
@@ -115,7 +117,7 @@ async def confirm(
                 extra["return_url"] = p.return_url
             if extra:
                 intent = await authorize.set_intent(conn, principal, intent_id, **extra)
-            attempt = await authorize.begin(conn, principal, intent, pm["id"], rec)
+            attempt = await authorize.begin(conn, principal, intent, pm, rec)
     return await authorize.drive(ctx, principal, attempt, rec)
 
 

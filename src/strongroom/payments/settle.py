@@ -28,7 +28,7 @@ from strongroom.payments.authorize import Attempt, Finished, set_intent
 from strongroom.payments.context import PaymentsContext, load
 from strongroom.payments.models import IntentStatus, Operation, check_allowed
 from strongroom.payments.params import IntentCancel, IntentCapture
-from strongroom.payments.tables import payment_intents
+from strongroom.payments.tables import payment_intents, payment_methods
 from strongroom.store.db import utcnow
 
 S = IntentStatus
@@ -232,9 +232,8 @@ async def authenticate(
         if intent["status"] != S.REQUIRES_ACTION or expected is None or not hmac.compare_digest(expected, token):
             raise ResourceMissing("payment_intent", intent_id)
         if succeeded:
-            attempt = await authorize.begin(
-                conn, principal, intent, intent["payment_method_id"], NULL_RECORDER, authenticated=True
-            )
+            pm = await load(conn, payment_methods, principal, intent["payment_method_id"], "payment_method")
+            attempt = await authorize.begin(conn, principal, intent, pm, NULL_RECORDER, authenticated=True)
         else:
             intent = await set_intent(
                 conn,
