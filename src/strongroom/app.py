@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from strongroom import __version__
 from strongroom.api import errors as api_errors
@@ -153,16 +154,7 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
 
 
 def _operational(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        REQUESTS.labels(request.method, template, str(response.status_code)).inc()
-        LATENCY.labels(request.method, template).observe(time.perf_counter() - started)
-        response.headers["Request-Id"] = "req_" + secrets.token_urlsafe(12)
-        return response
+    app.add_middleware(_Observe)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:
@@ -180,3 +172,35 @@ def _operational(app: FastAPI) -> None:
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+class _Observe:
+    """Request metrics and a Request-Id header, as plain ASGI (Starlette's BaseHTTPMiddleware
+    costs a task and a queue per request on the hot path)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"request-id", ("req_" + secrets.token_urlsafe(12)).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            REQUESTS.labels(scope["method"], template, str(status)).inc()
+            LATENCY.labels(scope["method"], template).observe(time.perf_counter() - started)

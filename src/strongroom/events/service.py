@@ -16,20 +16,23 @@ from strongroom.store.db import epoch_s, utcnow
 from strongroom.store.paging import Page, PageRequest, fetch_page
 
 API_VERSION = "2024-06-20"
+# Built once: a constant statement compiles once and its cache key is computed once.
+_INSERT = events.insert()
 
 
 async def record(conn: AsyncConnection, principal: Principal, type_: str, obj: dict[str, Any]) -> str:
     event_id = new_id("event")
     await conn.execute(
-        events.insert().values(
-            merchant_id=principal.merchant_id,
-            id=event_id,
-            livemode=principal.livemode,
-            created=utcnow(),
-            type=type_,
-            object_id=obj["id"],
-            data={"object": obj},
-        )
+        _INSERT,
+        {
+            "merchant_id": principal.merchant_id,
+            "id": event_id,
+            "livemode": principal.livemode,
+            "created": utcnow(),
+            "type": type_,
+            "object_id": obj["id"],
+            "data": {"object": obj},
+        },
     )
     return event_id
 

@@ -17,28 +17,27 @@ from strongroom.payments.tables import charges, payment_methods
 from strongroom.store.db import utcnow
 from strongroom.store.paging import Page, PageRequest, fetch_page
 
+_INSERT = charges.insert().returning(*charges.c)
+
 
 async def insert(conn: AsyncConnection, principal: Principal, intent: RowMapping, **values: Any) -> RowMapping:
     charge_id = new_id("charge")
-    inserted = await conn.execute(
-        charges.insert()
-        .values(
-            merchant_id=principal.merchant_id,
-            id=charge_id,
-            livemode=principal.livemode,
-            created=utcnow(),
-            payment_intent_id=intent["id"],
-            payment_method_id=intent["payment_method_id"],
-            customer_id=intent["customer_id"],
-            amount=intent["amount"],
-            currency=intent["currency"],
-            connector=intent["connector"],
-            amount_refunded=0,
-            refunded=False,
-            **values,
-        )
-        .returning(*charges.c)
-    )
+    row = {
+        "merchant_id": principal.merchant_id,
+        "id": charge_id,
+        "livemode": principal.livemode,
+        "created": utcnow(),
+        "payment_intent_id": intent["id"],
+        "payment_method_id": intent["payment_method_id"],
+        "customer_id": intent["customer_id"],
+        "amount": intent["amount"],
+        "currency": intent["currency"],
+        "connector": intent["connector"],
+        "amount_refunded": 0,
+        "refunded": False,
+        **values,
+    }
+    inserted = await conn.execute(_INSERT, row)
     return inserted.mappings().one()
 
 

@@ -24,6 +24,7 @@ from strongroom.store.db import utcnow
 from strongroom.store.paging import Page, PageRequest, fetch_page
 
 S = IntentStatus
+_INSERT = payment_intents.insert().returning(*payment_intents.c)
 
 
 def _check_methods(p: IntentCreate) -> None:
@@ -52,34 +53,31 @@ async def create(ctx: PaymentsContext, principal: Principal, p: IntentCreate, re
         pm = await methods.resolve(conn, ctx.vault, principal, p.payment_method) if p.payment_method else None
         intent_id = new_id("payment_intent")
         now = utcnow()
-        inserted = await conn.execute(
-            payment_intents.insert()
-            .values(
-                merchant_id=principal.merchant_id,
-                id=intent_id,
-                livemode=principal.livemode,
-                created=now,
-                updated=now,
-                amount=amount,
-                currency=currency.code,
-                status=S.REQUIRES_CONFIRMATION if pm is not None else S.REQUIRES_PAYMENT_METHOD,
-                capture_method=p.capture_method,
-                confirmation_method=p.confirmation_method,
-                customer_id=p.customer,
-                payment_method_id=pm["id"] if pm is not None else None,
-                amount_capturable=0,
-                amount_received=0,
-                description=p.description,
-                receipt_email=p.receipt_email,
-                statement_descriptor=p.statement_descriptor,
-                return_url=p.return_url,
-                metadata=dict(p.metadata),
-                client_secret=f"{intent_id}_secret_{secrets.token_urlsafe(18)}",
-                connector=ctx.router.for_mode(principal.livemode).name,
-                attempt=0,
-            )
-            .returning(*payment_intents.c)
-        )
+        values = {
+            "merchant_id": principal.merchant_id,
+            "id": intent_id,
+            "livemode": principal.livemode,
+            "created": now,
+            "updated": now,
+            "amount": amount,
+            "currency": currency.code,
+            "status": S.REQUIRES_CONFIRMATION if pm is not None else S.REQUIRES_PAYMENT_METHOD,
+            "capture_method": p.capture_method,
+            "confirmation_method": p.confirmation_method,
+            "customer_id": p.customer,
+            "payment_method_id": pm["id"] if pm is not None else None,
+            "amount_capturable": 0,
+            "amount_received": 0,
+            "description": p.description,
+            "receipt_email": p.receipt_email,
+            "statement_descriptor": p.statement_descriptor,
+            "return_url": p.return_url,
+            "metadata": dict(p.metadata),
+            "client_secret": f"{intent_id}_secret_{secrets.token_urlsafe(18)}",
+            "connector": ctx.router.for_mode(principal.livemode).name,
+            "attempt": 0,
+        }
+        inserted = await conn.execute(_INSERT, values)
         intent = inserted.mappings().one()
         await events.record(conn, principal, "payment_intent.created", views.payment_intent(intent))
         if not p.confirm or pm is None:

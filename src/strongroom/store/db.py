@@ -7,10 +7,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 def utcnow() -> dt.datetime:
@@ -33,7 +38,11 @@ class Database:
         parsed = make_url(url)
         self.url = url
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
-        kwargs: dict[str, Any] = {"echo": echo}
+        kwargs: dict[str, Any] = {
+            "echo": echo,
+            "json_serializer": _json_dumps,
+            "json_deserializer": orjson.loads,
+        }
         if self.is_sqlite:
             # One file shared by many connections: WAL lets readers run beside the single
             # writer, and busy_timeout makes a second writer wait instead of failing.
