@@ -21,10 +21,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strongroom import __version__
 from strongroom.api import errors as api_errors
 from strongroom.api import openapi
+from strongroom.api.errors import error_response
 from strongroom.api.http import Services
 from strongroom.auth.service import KeyHasher, PrincipalCache
 from strongroom.connectors.routing import Router
 from strongroom.connectors.sandbox import SandboxConnector, SandboxProcessor
+from strongroom.errors import Overloaded
 from strongroom.events import routes as event_routes
 from strongroom.idempotency import service as idempotency
 from strongroom.payments import recovery, routes, routes_customers, routes_sandbox
@@ -38,6 +40,7 @@ from strongroom.vault.service import CvcCache, Vault
 log = structlog.get_logger(__name__)
 
 REQUESTS = Counter("strongroom_http_requests_total", "HTTP requests", ["method", "route", "status"])
+SHED = Counter("strongroom_http_shed_total", "API requests shed by admission control")
 LATENCY = Histogram("strongroom_http_request_seconds", "HTTP request latency", ["method", "route"])
 
 
@@ -111,7 +114,11 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(settings.effective_database_url)
+        db = Database(
+            settings.effective_database_url,
+            pool_size=settings.database.pool_size,
+            pool_timeout_s=settings.database.pool_timeout_s,
+        )
         app.state.services = build_services(settings, db, public_url)
         tasks = []
         if background:
@@ -148,12 +155,13 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
     api_errors.install(app)
     for router in (routes.router, routes_customers.router, event_routes.router, routes_sandbox.router):
         app.include_router(router)
-    _operational(app)
+    _operational(app, settings)
     openapi.install(app)
     return app
 
 
-def _operational(app: FastAPI) -> None:
+def _operational(app: FastAPI, settings: Settings) -> None:
+    app.add_middleware(_Admission, max_inflight=settings.http.max_inflight)
     app.add_middleware(_Observe)
 
     @app.get("/healthz", include_in_schema=False)
@@ -204,3 +212,27 @@ class _Observe:
             template = getattr(route, "path", "unmatched")
             REQUESTS.labels(scope["method"], template, str(status)).inc()
             LATENCY.labels(scope["method"], template).observe(time.perf_counter() - started)
+
+
+class _Admission:
+    """Sheds API requests beyond `max_inflight` per process with 503 + Retry-After before they do
+    any work, so a surge is answered at once instead of queueing into timeouts."""
+
+    def __init__(self, app: ASGIApp, max_inflight: int) -> None:
+        self.app = app
+        self.max_inflight = max_inflight
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.max_inflight:
+            SHED.inc()
+            await error_response(Overloaded())(scope, receive, send)
+            return
+        self.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1

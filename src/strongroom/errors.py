@@ -144,3 +144,14 @@ class ProcessorFailure(StrongroomError):
     http_status = 502
     type = "api_error"
     default_code = "processor_unavailable"
+
+
+class Overloaded(StrongroomError):
+    """503: shed before doing any work; safe to retry after `Retry-After`."""
+
+    http_status = 503
+    type = "api_error"
+    default_code = "overloaded"
+
+    def __init__(self) -> None:
+        super().__init__("Strongroom is busy: the request was not processed. Retry shortly.")

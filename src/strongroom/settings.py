@@ -19,6 +19,12 @@ from pydantic_settings import (
 )
 
 
+class DatabaseSettings(BaseModel):
+    pool_size: int = Field(default=10, ge=1)
+    # How long a request waits for a pooled connection before it is shed with a 503.
+    pool_timeout_s: float = Field(default=5.0, gt=0)
+
+
 class IdempotencySettings(BaseModel):
     # Stripe keeps keys for at least 24 hours (IETF Idempotency-Key draft §2: expiry documented).
     ttl_s: int = Field(default=24 * 3600, ge=24 * 3600)
@@ -64,6 +70,9 @@ class VaultSettings(BaseModel):
 class HttpSettings(BaseModel):
     max_body_bytes: int = 256 * 1024
     page_limit_max: int = 100
+    # Admission control: API requests in flight per worker process beyond which new ones are
+    # shed at once with 503 + Retry-After, instead of queueing until they time out.
+    max_inflight: int = Field(default=128, ge=1)
 
 
 class Settings(BaseSettings):
@@ -82,6 +91,7 @@ class Settings(BaseSettings):
     # The address clients reach this server at (used in redirect URLs such as 3-D Secure).
     public_url: str = "http://127.0.0.1:8080"
 
+    database: DatabaseSettings = DatabaseSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
     payments: PaymentsSettings = PaymentsSettings()
     auth: AuthSettings = AuthSettings()

@@ -36,3 +36,20 @@ def test_percentiles_are_nearest_rank() -> None:
     assert report.percentile(values, 99) == 99.0
     assert report.percentile(values, 100) == 100.0
     assert report.percentile([], 50) == 0.0
+
+
+@pytest.mark.parametrize("database_url", [PG_URL] if PG_URL else [])
+def test_surge_smoke_sheds_or_serves_everything_and_charges_once(database_url: str, tmp_path: Path) -> None:
+    config = runner.BenchConfig(
+        database_url, clients=4, duration_s=2.0, warmup_s=0.5, workers=1, payment_methods=4, data_dir=tmp_path
+    )
+    result = runner.surge(config, sustainable_per_s=20, factor=5, surge_s=2.0)
+    surge = result["surge"]
+    assert surge["requests"] > 0
+    # Every surge request got an answer: served, or shed with Retry-After; nothing else.
+    assert set(surge["errors"]) <= {"http_503", "http_429"}
+    assert surge["shed"] == surge["shed_with_retry_after"]
+    assert surge["accepted"] + surge["shed"] == surge["requests"]
+    assert result["after"]["succeeded"] > 0
+    assert result["double_charges"] == 0
+    assert result["processor_charges"] == result["succeeded_payments"]

@@ -9,12 +9,13 @@ import orjson
 import structlog
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match
 
-from strongroom.errors import StrongroomError
+from strongroom.errors import Overloaded, StrongroomError
 
 log = structlog.get_logger(__name__)
 
@@ -27,7 +28,7 @@ def error_response(exc: StrongroomError, headers: dict[str, str] | None = None) 
     extra = dict(headers or {})
     if exc.http_status == 401:
         extra.setdefault("WWW-Authenticate", 'Bearer realm="Strongroom"')
-    if exc.http_status in (409, 429, 502):
+    if exc.http_status in (409, 429, 502, 503):
         extra.setdefault("Retry-After", "1")
     if exc.http_status == 400 and exc.type == "idempotency_error":
         # stripe-python retries on some failures unless told not to; a mismatch never heals.
@@ -85,6 +86,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
         return _request_error("Invalid request.", 400, "parameter_invalid")
+
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _pool_exhausted(request: Request, exc: sa_exc.TimeoutError) -> Response:
+        # No pooled connection in time: nothing was done, the client may retry.
+        return error_response(Overloaded())
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -51,6 +51,7 @@ def responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
         422: _json(error, "Unprocessable"),
         429: _json(error, "Too many requests"),
         502: _json(error, "Processor failure"),
+        503: _json(error, "Overloaded: shed before any work, retry after Retry-After"),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +23,9 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures here")] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here")] = None,
     pgbench: Annotated[bool, typer.Option(help="Measure pgbench TPC-B in the same run")] = True,
+    surge: Annotated[float, typer.Option(help="Also run an open-loop surge at this x the measured rate")] = 0.0,
+    surge_duration: Annotated[float, typer.Option(help="Seconds of surge")] = 30.0,
+    scaling: Annotated[bool, typer.Option(help="Also measure 1/2/4 workers x 8/32/128 clients")] = False,
 ) -> None:
     """Payments per second and latency against PostgreSQL's own ceiling (pgbench TPC-B)."""
     config = runner.BenchConfig(database_url, clients, duration, warmup, workers)
@@ -30,6 +34,10 @@ def bench(
     tps = runner.pgbench_tps(database_url, clients, duration) if pgbench else None
     result["pgbench_tps"] = tps
     result["ratio"] = round(result["payments_per_s"] / tps, 3) if tps else None
+    if surge:
+        result["surge"] = runner.surge(config, result["payments_per_s"], factor=surge, surge_s=surge_duration)
+    if scaling:
+        result["scaling"] = _scaling(config)
     _emit(result, json_out)
     if plot_out is not None:
         report.plot(samples, plot_out, f"{workers} workers, {clients} clients")
@@ -43,3 +51,20 @@ def _emit(result: dict[str, Any], path: Path | None) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
+
+
+def _scaling(config: runner.BenchConfig) -> list[dict[str, Any]]:
+    rows = []
+    for workers in (1, 2, 4):
+        for clients in (8, 32, 128):
+            one = runner.run(dataclasses.replace(config, workers=workers, clients=clients))
+            rows.append(
+                {
+                    "workers": workers,
+                    "clients": clients,
+                    "payments_per_s": one["payments_per_s"],
+                    "p99_ms": one["latency_ms"]["p99"],
+                    "errors": one["errors"],
+                }
+            )
+    return rows

@@ -186,7 +186,29 @@ async def _correctness(url: str, merchant_id: str) -> dict[str, int]:
     }
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One load phase against the same server: closed loop (rate 0) or open loop at `rate_per_s`."""
+
+    duration_s: float
+    clients: int
+    rate_per_s: float = 0.0
+    warmup_s: float = 0.0
+
+
 def run(config: BenchConfig, *, rate_per_s: float = 0.0) -> dict[str, Any]:
+    """The standard measurement: one closed-loop phase after a warm-up."""
+    phase = Phase(config.duration_s, config.clients, rate_per_s, config.warmup_s)
+    result = run_phases(config, [phase])
+    samples = result.pop("_phases")[0]
+    result.update(report.summarize(samples, config.duration_s))
+    result["config"] = {"clients": config.clients, "workers": config.workers, "duration_s": config.duration_s}
+    result["_samples"] = samples
+    return result
+
+
+def run_phases(config: BenchConfig, phases: list[Phase]) -> dict[str, Any]:
+    """Phases run one after another against one server and database; correctness checked at the end."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     with fresh_database(config.database_url, "strongroom_bench") as url:
         data_dir = config.data_dir / f"run_{secrets.token_hex(3)}"
@@ -194,22 +216,45 @@ def run(config: BenchConfig, *, rate_per_s: float = 0.0) -> dict[str, Any]:
         env = {**os.environ, "STRONGROOM_DATABASE_URL": url, "STRONGROOM_LOG_LEVEL": "warning"}
         _cli(["migrate", "--data-dir", str(data_dir)], env)
         merchant = json.loads(_cli(["merchants", "create", "Bench", "--json", "--data-dir", str(data_dir)], env))
+        key = merchant["secret_key"]
+        results = []
         with server(env, config.workers, data_dir) as base_url:
-            methods = _payment_methods(base_url, merchant["secret_key"], config.payment_methods)
-            spec = load.LoadSpec(
-                base_url,
-                merchant["secret_key"],
-                methods,
-                config.clients,
-                config.warmup_s,
-                config.duration_s,
-                rate_per_s,
-            )
-            samples = run_load(spec)
+            methods = _payment_methods(base_url, key, config.payment_methods)
+            for ph in phases:
+                spec = load.LoadSpec(base_url, key, methods, ph.clients, ph.warmup_s, ph.duration_s, ph.rate_per_s)
+                results.append(run_load(spec))
         checks = asyncio.run(_correctness(url, merchant["id"]))
-    result = report.summarize(samples, config.duration_s)
-    result.update(checks)
-    result["processor_matches_ledger"] = checks["succeeded_payments"] == checks["processor_charges"]
-    result["config"] = {"clients": config.clients, "workers": config.workers, "duration_s": config.duration_s}
-    result["_samples"] = samples
+    return {
+        **checks,
+        "processor_matches_ledger": checks["succeeded_payments"] == checks["processor_charges"],
+        "_phases": results,
+    }
+
+
+def surge(
+    config: BenchConfig, sustainable_per_s: float, *, factor: float = 10.0, surge_s: float = 30.0
+) -> dict[str, Any]:
+    """Open loop at `factor` x the sustainable rate, then a closed-loop phase to show recovery."""
+    phases = [
+        Phase(config.duration_s / 2, config.clients, warmup_s=config.warmup_s),
+        Phase(surge_s, 1024, rate_per_s=sustainable_per_s * factor),
+        Phase(config.duration_s / 2, config.clients),
+    ]
+    result = run_phases(config, phases)
+    before, during, after = result.pop("_phases")
+    shed = sum(1 for s in during if s.outcome in ("http_503", "http_429"))
+    last = max((s.finished_s for s in during), default=0.0)
+    result.update(
+        {
+            "offered_per_s": round(sustainable_per_s * factor, 1),
+            "before": report.summarize(before, config.duration_s / 2),
+            "surge": {
+                **report.summarize(during, surge_s),
+                "accepted": sum(1 for s in during if s.outcome == "ok"),
+                "shed": shed,
+                "drain_s": round(max(0.0, last - surge_s), 2),
+            },
+            "after": report.summarize(after, config.duration_s / 2),
+        }
+    )
     return result
