@@ -237,12 +237,13 @@ def surge(
     """Open loop at `factor` x the sustainable rate, then a closed-loop phase to show recovery."""
     phases = [
         Phase(config.duration_s / 2, config.clients, warmup_s=config.warmup_s),
-        Phase(surge_s, 1024, rate_per_s=sustainable_per_s * factor),
+        Phase(surge_s, 512, rate_per_s=sustainable_per_s * factor),
         Phase(config.duration_s / 2, config.clients),
     ]
     result = run_phases(config, phases)
     before, during, after = result.pop("_phases")
     shed = sum(1 for s in during if s.outcome in ("http_503", "http_429"))
+    not_sent = sum(1 for s in during if s.outcome == "not_sent")
     last = max((s.finished_s for s in during), default=0.0)
     result.update(
         {
@@ -252,6 +253,7 @@ def surge(
                 **report.summarize(during, surge_s),
                 "accepted": sum(1 for s in during if s.outcome == "ok"),
                 "shed": shed,
+                "not_sent_generator_limit": not_sent,
                 "drain_s": round(max(0.0, last - surge_s), 2),
             },
             "after": report.summarize(after, config.duration_s / 2),
