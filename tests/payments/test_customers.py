@@ -217,3 +217,12 @@ async def test_rejected_customer_requests_write_no_event(api):
     await api.post("/v1/customers", data={"email": "x" * 513})
     events = (await api.get("/v1/events", params={"limit": 100})).json()["data"]
     assert [e["type"] for e in events] == ["customer.created"]
+
+
+async def test_deleting_a_customer_detaches_their_payment_methods(api):
+    customer = (await api.post("/v1/customers", data={"email": "gone@example.com"})).json()
+    pm = await card_payment_method(api)
+    attached = await api.post(f"/v1/payment_methods/{pm['id']}/attach", data={"customer": customer["id"]})
+    assert attached.json()["customer"] == customer["id"]
+    assert (await api.delete(f"/v1/customers/{customer['id']}")).json()["deleted"] is True
+    assert (await api.get(f"/v1/payment_methods/{pm['id']}")).json()["customer"] is None

@@ -15,7 +15,7 @@ from strongroom.ids import new_id
 from strongroom.payments import views
 from strongroom.payments.context import load, owned
 from strongroom.payments.params import CustomerCreate, CustomerList, CustomerUpdate
-from strongroom.payments.tables import customers
+from strongroom.payments.tables import customers, payment_methods
 from strongroom.store.db import utcnow
 from strongroom.store.paging import Page, PageRequest, fetch_page
 
@@ -87,6 +87,9 @@ async def delete(conn: AsyncConnection, principal: Principal, customer_id: str, 
     await live(conn, principal, customer_id, param="id")
     where = [*owned(customers, principal), customers.c.id == customer_id]
     await conn.execute(customers.update().where(*where).values(deleted=True))
+    # Stripe: a deleted customer's payment methods are detached and cannot be used for them again.
+    attached = [*owned(payment_methods, principal), payment_methods.c.customer_id == customer_id]
+    await conn.execute(payment_methods.update().where(*attached).values(customer_id=None))
     row = await load(conn, customers, principal, customer_id, "customer")
     await events.record(conn, principal, "customer.deleted", views.customer(row))
     await rec.finish(conn, row)
