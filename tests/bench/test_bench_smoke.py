@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from strongroom.bench import report, runner
+from strongroom.bench import report, runner, wrk
 
 PG_URL = os.environ.get("STRONGROOM_TEST_DATABASE_URL")
 pytestmark = pytest.mark.e2e
@@ -53,3 +53,23 @@ def test_surge_smoke_sheds_or_serves_everything_and_charges_once(database_url: s
     assert result["after"]["succeeded"] > 0
     assert result["double_charges"] == 0
     assert result["processor_charges"] == result["succeeded_payments"]
+
+
+@pytest.mark.parametrize("database_url", [PG_URL] if PG_URL and wrk.available() else [])
+def test_wrk_generator_smoke_run_charges_exactly_once(database_url: str, tmp_path: Path) -> None:
+    config = runner.BenchConfig(
+        database_url,
+        clients=4,
+        duration_s=2.0,
+        warmup_s=1.0,
+        workers=1,
+        payment_methods=4,
+        data_dir=tmp_path,
+        generator="wrk",
+    )
+    result = runner.run(config)
+    assert result["succeeded"] > 0
+    assert result["errors"] == {}
+    assert result["double_charges"] == 0
+    # warm-up and measured payments all reached the processor exactly once
+    assert result["processor_charges"] == result["succeeded_payments"] >= result["succeeded"]

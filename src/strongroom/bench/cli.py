@@ -25,10 +25,11 @@ def bench(
     pgbench: Annotated[bool, typer.Option(help="Measure pgbench TPC-B in the same run")] = True,
     surge: Annotated[float, typer.Option(help="Also run an open-loop surge at this x the measured rate")] = 0.0,
     surge_duration: Annotated[float, typer.Option(help="Seconds of surge")] = 30.0,
+    generator: Annotated[str, typer.Option(help="Load generator: httpx (Python) or wrk (C, lighter)")] = "httpx",
     scaling: Annotated[bool, typer.Option(help="Also measure 1/2/4 workers x 8/32/128 clients")] = False,
 ) -> None:
     """Payments per second and latency against PostgreSQL's own ceiling (pgbench TPC-B)."""
-    config = runner.BenchConfig(database_url, clients, duration, warmup, workers)
+    config = runner.BenchConfig(database_url, clients, duration, warmup, workers, generator=generator)
     result = runner.run(config)
     samples = result.pop("_samples")
     tps = runner.pgbench_tps(database_url, clients, duration) if pgbench else None
@@ -39,7 +40,7 @@ def bench(
     if scaling:
         result["scaling"] = _scaling(config)
     _emit(result, json_out)
-    if plot_out is not None:
+    if plot_out is not None and samples:
         report.plot(samples, plot_out, f"{workers} workers, {clients} clients")
     if result["double_charges"] or not result["processor_matches_ledger"]:
         raise typer.Exit(1)

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from strongroom.bench import load, report
+from strongroom.bench import load, report, wrk
 from strongroom.payments.sandbox_aliases import ALIASES
 
 _CLI = [sys.executable, "-c", "from strongroom.cli import main; main()"]
@@ -44,6 +44,7 @@ class BenchConfig:
     workers: int = 2
     payment_methods: int = 64
     pgbench: bool = True
+    generator: str = "httpx"  # or "wrk" (lighter: leaves more CPU to the server)
     data_dir: Path = Path("benchmarks/out")
 
 
@@ -198,6 +199,8 @@ class Phase:
 
 def run(config: BenchConfig, *, rate_per_s: float = 0.0) -> dict[str, Any]:
     """The standard measurement: one closed-loop phase after a warm-up."""
+    if config.generator == "wrk":
+        return _run_wrk(config)
     phase = Phase(config.duration_s, config.clients, rate_per_s, config.warmup_s)
     result = run_phases(config, [phase])
     samples = result.pop("_phases")[0]
@@ -207,8 +210,19 @@ def run(config: BenchConfig, *, rate_per_s: float = 0.0) -> dict[str, Any]:
     return result
 
 
-def run_phases(config: BenchConfig, phases: list[Phase]) -> dict[str, Any]:
-    """Phases run one after another against one server and database; correctness checked at the end."""
+@dataclass
+class Prepared:
+    url: str
+    merchant: dict[str, Any]
+    base_url: str = ""
+    methods: tuple[str, ...] = ()
+    checks: dict[str, int] | None = None
+
+
+@contextlib.contextmanager
+def _prepared(config: BenchConfig) -> Iterator[Prepared]:
+    """A fresh database, a merchant and a running server with payment methods. The correctness
+    checks run after the server has shut down gracefully (in-flight requests finished)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     with fresh_database(config.database_url, "strongroom_bench") as url:
         data_dir = config.data_dir / f"run_{secrets.token_hex(3)}"
@@ -216,17 +230,42 @@ def run_phases(config: BenchConfig, phases: list[Phase]) -> dict[str, Any]:
         env = {**os.environ, "STRONGROOM_DATABASE_URL": url, "STRONGROOM_LOG_LEVEL": "warning"}
         _cli(["migrate", "--data-dir", str(data_dir)], env)
         merchant = json.loads(_cli(["merchants", "create", "Bench", "--json", "--data-dir", str(data_dir)], env))
-        key = merchant["secret_key"]
-        results = []
+        prepared = Prepared(url, merchant)
         with server(env, config.workers, data_dir) as base_url:
-            methods = _payment_methods(base_url, key, config.payment_methods)
-            for ph in phases:
-                spec = load.LoadSpec(base_url, key, methods, ph.clients, ph.warmup_s, ph.duration_s, ph.rate_per_s)
-                results.append(run_load(spec))
-        checks = asyncio.run(_correctness(url, merchant["id"]))
+            prepared.base_url = base_url
+            prepared.methods = _payment_methods(base_url, merchant["secret_key"], config.payment_methods)
+            yield prepared
+        prepared.checks = asyncio.run(_correctness(url, merchant["id"]))
+
+
+def _run_wrk(config: BenchConfig) -> dict[str, Any]:
+    with _prepared(config) as prep:
+        key = prep.merchant["secret_key"]
+        if config.warmup_s:
+            wrk.run(prep.base_url, key, prep.methods, config.clients, config.warmup_s, "w" + secrets.token_hex(4))
+        figures = wrk.run(prep.base_url, key, prep.methods, config.clients, config.duration_s, secrets.token_hex(6))
+    checks = prep.checks or {}
+    result = {**wrk.summarize(figures), **checks}
+    result["processor_matches_ledger"] = checks.get("succeeded_payments") == checks.get("processor_charges")
+    result["config"] = {"clients": config.clients, "workers": config.workers, "duration_s": config.duration_s}
+    result["_samples"] = []
+    return result
+
+
+def run_phases(config: BenchConfig, phases: list[Phase]) -> dict[str, Any]:
+    """Phases run one after another against one server and database; correctness checked at the end."""
+    results = []
+    with _prepared(config) as prep:
+        key = prep.merchant["secret_key"]
+        for ph in phases:
+            spec = load.LoadSpec(
+                prep.base_url, key, prep.methods, ph.clients, ph.warmup_s, ph.duration_s, ph.rate_per_s
+            )
+            results.append(run_load(spec))
+    checks = prep.checks or {}
     return {
         **checks,
-        "processor_matches_ledger": checks["succeeded_payments"] == checks["processor_charges"],
+        "processor_matches_ledger": checks.get("succeeded_payments") == checks.get("processor_charges"),
         "_phases": results,
     }
 
