@@ -17,6 +17,7 @@ from strongroom.idempotency.service import Recorder
 from strongroom.payments import charges, expand, intents, refunds, schemas, settle, views
 from strongroom.payments import params as p
 from strongroom.payments.authorize import Finished
+from strongroom.payments.context import PaymentsContext
 from strongroom.store.paging import Page
 
 router = APIRouter()
@@ -94,60 +95,38 @@ async def retrieve_intent(request: Request, intent_id: str) -> Response:
     return await http.get(request, p.Retrieve, op, lambda q: one("payment_intent", _intent_view, q.expand))
 
 
-@router.post(
-    "/v1/payment_intents/{intent_id}",
-    responses=openapi.responses(schemas.PaymentIntentOut),
-    openapi_extra=openapi.body(p.IntentUpdate),
-)
-async def update_intent(request: Request, intent_id: str) -> Response:
-    ctx = http.services(request).payments
-
-    async def op(principal: Principal, params: p.IntentUpdate, rec: Recorder) -> RowMapping:
-        return await intents.update(ctx, principal, intent_id, params, rec)
-
-    return await http.post(request, p.IntentUpdate, op, lambda q: one("payment_intent", _intent_view, q.expand))
+IntentAction = Callable[[PaymentsContext, Principal, str, Any, Recorder], Awaitable[Finished | RowMapping]]
 
 
-@router.post(
-    "/v1/payment_intents/{intent_id}/confirm",
-    responses=openapi.responses(schemas.PaymentIntentOut),
-    openapi_extra=openapi.body(p.IntentConfirm),
-)
-async def confirm_intent(request: Request, intent_id: str) -> Response:
-    ctx = http.services(request).payments
+def _intent_action(suffix: str, model: type[p.Params], action: IntentAction, name: str) -> None:
+    """POST /v1/payment_intents/{id}<suffix>: update, confirm, capture and cancel share one shape."""
 
-    async def op(principal: Principal, params: p.IntentConfirm, rec: Recorder) -> Finished:
-        return _raise_decline(await intents.confirm(ctx, principal, intent_id, params, rec))
+    async def handler(request: Request, intent_id: str) -> Response:
+        ctx = http.services(request).payments
 
-    return await http.post(request, p.IntentConfirm, op, lambda q: one("payment_intent", _intent_view, q.expand))
+        async def op(principal: Principal, params: Any, rec: Recorder) -> Finished | RowMapping:
+            result = await action(ctx, principal, intent_id, params, rec)
+            return _raise_decline(result) if isinstance(result, Finished) else result
 
+        return await http.post(request, model, op, lambda q: one("payment_intent", _intent_view, q.expand))
 
-@router.post(
-    "/v1/payment_intents/{intent_id}/capture",
-    responses=openapi.responses(schemas.PaymentIntentOut),
-    openapi_extra=openapi.body(p.IntentCapture),
-)
-async def capture_intent(request: Request, intent_id: str) -> Response:
-    ctx = http.services(request).payments
-
-    async def op(principal: Principal, params: p.IntentCapture, rec: Recorder) -> Finished:
-        return await settle.capture(ctx, principal, intent_id, params, rec)
-
-    return await http.post(request, p.IntentCapture, op, lambda q: one("payment_intent", _intent_view, q.expand))
+    router.add_api_route(
+        f"/v1/payment_intents/{{intent_id}}{suffix}",
+        handler,
+        methods=["POST"],
+        name=name,
+        responses=openapi.responses(schemas.PaymentIntentOut),
+        openapi_extra=openapi.body(model),
+    )
 
 
-@router.post(
-    "/v1/payment_intents/{intent_id}/cancel",
-    responses=openapi.responses(schemas.PaymentIntentOut),
-    openapi_extra=openapi.body(p.IntentCancel),
-)
-async def cancel_intent(request: Request, intent_id: str) -> Response:
-    ctx = http.services(request).payments
-
-    async def op(principal: Principal, params: p.IntentCancel, rec: Recorder) -> Finished:
-        return await settle.cancel(ctx, principal, intent_id, params, rec)
-
-    return await http.post(request, p.IntentCancel, op, lambda q: one("payment_intent", _intent_view, q.expand))
+for _suffix, _model, _action, _name in (
+    ("", p.IntentUpdate, intents.update, "update_intent"),
+    ("/confirm", p.IntentConfirm, intents.confirm, "confirm_intent"),
+    ("/capture", p.IntentCapture, settle.capture, "capture_intent"),
+    ("/cancel", p.IntentCancel, settle.cancel, "cancel_intent"),
+):
+    _intent_action(_suffix, _model, _action, _name)
 
 
 @router.get("/v1/charges", responses=openapi.responses(schemas.ChargeList), openapi_extra=openapi.query(p.ChargeList))
