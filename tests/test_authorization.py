@@ -22,7 +22,15 @@ from tests.conftest import new_merchant
 
 A_EMAIL = "victim@example.com"
 A_CARD = "4242424242424242"
-LISTS = ("/v1/customers", "/v1/payment_methods", "/v1/payment_intents", "/v1/charges", "/v1/refunds", "/v1/events")
+LISTS = (
+    "/v1/customers",
+    "/v1/payment_methods",
+    "/v1/payment_intents",
+    "/v1/charges",
+    "/v1/refunds",
+    "/v1/events",
+    "/v1/balance_transactions",
+)
 # Routes that serve no merchant object: they take no API key and must not reveal one.
 NO_MERCHANT_DATA = {
     ("GET", "/healthz"),
@@ -34,6 +42,8 @@ NO_MERCHANT_DATA = {
 }
 # The customer's 3-D Secure page (test mode): a static form that reads no object (checked below).
 STATIC_PAGES = {("GET", "/v1/sandbox/3ds/{merchant_id}/{intent_id}")}
+# Routes that name no object: they answer with the caller's own data only (checked below).
+OWN_ONLY = {("GET", "/v1/balance")}
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,9 @@ CASES = [
     # events
     _case("GET", "/v1/events", params={"starting_after": "{a_event}"}, status=400, param="starting_after"),
     _case("GET", "/v1/events/{event_id}", "/v1/events/{a_event}"),
+    # balance transactions
+    _case("GET", "/v1/balance_transactions", params={"starting_after": "{a_txn}"}, status=400, param="starting_after"),
+    _case("GET", "/v1/balance_transactions/{txn_id}", "/v1/balance_transactions/{a_txn}"),
     # sandbox 3-D Secure completion: A's intent under B's account, with A's real token
     _case(
         "POST",
@@ -163,6 +176,8 @@ class World:
             ("b_pi", "/v1/payment_intents/{b_pi}"),
             ("b_pm", "/v1/payment_methods/{b_pm}"),
             ("b_customer", "/v1/customers/{b_customer}"),
+            ("balance", "/v1/balance"),
+            ("b_balance", "/v1/balance"),
         ):
             client = self.b if key.startswith("b_") else self.a
             state[key] = (await client.get(self.fill(path))).json()
@@ -221,6 +236,7 @@ async def world(app, services) -> AsyncIterator[World]:
         )
         token = parse_qs(urlsplit(three_ds["next_action"]["redirect_to_url"]["url"]).query)["token"][0]
         event = (await a.get("/v1/events", params={"limit": 1})).json()["data"][0]
+        txn = (await a.get("/v1/balance_transactions", params={"limit": 1})).json()["data"][0]
         b_customer = await _post(b, "/v1/customers", email="attacker@example.com")
         b_pm = await _post(b, "/v1/payment_methods", **{**CARD_FORM, "card[number]": "4000056655665556"})
         b_pi = await _post(b, "/v1/payment_intents", **AMOUNT)
@@ -243,6 +259,7 @@ async def world(app, services) -> AsyncIterator[World]:
             "a_charge": paid["latest_charge"],
             "a_refund": refund["id"],
             "a_event": event["id"],
+            "a_txn": txn["id"],
             "b_merchant": merchant_b.id,
             "b_customer": b_customer["id"],
             "b_pm": b_pm["id"],
@@ -264,7 +281,7 @@ def _routes(app: Any) -> set[tuple[str, str]]:
 
 
 def test_every_route_has_a_case(app):
-    covered = {(case.method, case.route) for case in CASES} | NO_MERCHANT_DATA | STATIC_PAGES
+    covered = {(case.method, case.route) for case in CASES} | NO_MERCHANT_DATA | STATIC_PAGES | OWN_ONLY
     assert _routes(app) == covered
 
 
@@ -295,6 +312,17 @@ async def test_other_merchants_object_is_missing_and_unchanged(world, case):
         assert error["param"] == case.param
         assert error["message"]
     assert await world.snapshot(include_b_methods=not case.creates_own) == before
+
+
+async def test_balance_is_the_callers_own(world):
+    a_balance = (await world.a.get("/v1/balance")).json()
+    assert a_balance["pending"] == [{"amount": 900, "currency": "usd"}]  # A's capture (1000) less its refund (100)
+    response = await world.b.get("/v1/balance")
+    assert response.status_code == 200, response.text
+    # B has moved no money: nothing of A's balance (or ids) shows.
+    assert response.json() == {"object": "balance", "available": [], "pending": [], "livemode": False}
+    for secret in _a_secrets(world):
+        assert secret not in response.text
 
 
 async def test_three_d_secure_page_reads_nothing(world, anonymous):

@@ -29,6 +29,7 @@ from strongroom.connectors.sandbox import SandboxConnector, SandboxProcessor
 from strongroom.errors import Overloaded
 from strongroom.events import routes as event_routes
 from strongroom.idempotency import service as idempotency
+from strongroom.ledger import routes as ledger_routes
 from strongroom.payments import recovery, routes, routes_customers, routes_sandbox
 from strongroom.payments.context import PaymentsContext
 from strongroom.sensitive import Secret
@@ -153,7 +154,13 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
         redoc_url=None,
     )
     api_errors.install(app)
-    for router in (routes.router, routes_customers.router, event_routes.router, routes_sandbox.router):
+    for router in (
+        routes.router,
+        routes_customers.router,
+        event_routes.router,
+        ledger_routes.router,
+        routes_sandbox.router,
+    ):
         app.include_router(router)
     _operational(app, settings)
     openapi.install(app)

@@ -1,4 +1,4 @@
-"""The `strongroom` command: serve, migrate, merchants."""
+"""The `strongroom` command: serve, migrate, merchants, ledger."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import typer
 from strongroom.auth import service as auth_service
 from strongroom.auth.models import NewMerchant
 from strongroom.bench.cli import bench
+from strongroom.ledger import service as ledger_service
+from strongroom.ledger.service import CheckReport
 from strongroom.settings import Settings, load_settings
 from strongroom.store.db import Database
 from strongroom.store.migrate import upgrade
@@ -21,6 +23,8 @@ from strongroom.store.migrate import upgrade
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Strongroom payment platform")
 merchants_app = typer.Typer(no_args_is_help=True, help="Merchant accounts")
 app.add_typer(merchants_app, name="merchants")
+ledger_app = typer.Typer(no_args_is_help=True, help="Double-entry ledger")
+app.add_typer(ledger_app, name="ledger")
 app.command("bench")(bench)
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default .strongroom)")]
@@ -126,6 +130,32 @@ def merchants_create(
         typer.echo(json.dumps({"id": merchant.id, "secret_key": merchant.secret_key}))
     else:
         typer.echo(f"merchant: {merchant.id}\nsecret key (shown once): {merchant.secret_key}")
+
+
+async def _ledger_check(settings: Settings) -> CheckReport:
+    db = Database(settings.effective_database_url)
+    try:
+        async with db.read() as conn:
+            return await ledger_service.check(conn)
+    finally:
+        await db.dispose()
+
+
+@ledger_app.command("check")
+def ledger_check(data_dir: DataDir = None) -> None:
+    """Trial balance: recompute every balance from the entries and verify every journal transaction
+    sums to zero per currency. Exits 1 with a report on any discrepancy."""
+    settings = _settings(data_dir)
+    if settings.database_url is None:
+        upgrade(settings.effective_database_url)
+    report = asyncio.run(_ledger_check(settings))
+    typer.echo(f"ledger: {report.transactions} transactions, {report.entries} entries, {len(report.balances)} balances")
+    if not report.ok:
+        typer.echo(f"ledger check FAILED: {len(report.problems)} discrepancies", err=True)
+        for problem in report.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(1)
+    typer.echo("ledger check ok: every transaction sums to zero per currency; no account below zero")
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ PREFIXES = {
     "charge": "ch_",
     "refund": "re_",
     "event": "evt_",
+    "balance_transaction": "txn_",
     "api_key": "key_",
     "card": "card_",
 }

@@ -29,6 +29,7 @@ from strongroom.connectors.base import (
 from strongroom.errors import CardError
 from strongroom.events import service as events
 from strongroom.idempotency.service import Recorder
+from strongroom.ledger import service as ledger
 from strongroom.payments import charges, methods, processing, views
 from strongroom.payments.context import PaymentsContext, load, update_owned
 from strongroom.payments.models import DECLINE_MESSAGES, DECLINE_TOP_CODES, IntentStatus
@@ -186,6 +187,7 @@ async def _succeed(
         outcome={"network_status": auth.network_status, "type": "authorized", "seller_message": "Payment complete."},
         processor_ref=auth.processor_ref,
     )
+    await ledger.post_capture(conn, principal, intent, charge["id"], charge["amount_captured"])
     intent = await set_intent(
         conn,
         principal,

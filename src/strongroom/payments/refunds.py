@@ -17,6 +17,7 @@ from strongroom.errors import InvalidRequest
 from strongroom.events import service as events
 from strongroom.idempotency.service import Recorder
 from strongroom.ids import new_id
+from strongroom.ledger import service as ledger
 from strongroom.money import format_minor, get_currency, parse_nonnegative_amount
 from strongroom.payments import charges, customers, processing, views
 from strongroom.payments.context import PaymentsContext, load, owned
@@ -141,6 +142,7 @@ async def _settled(
         .values(status="succeeded", processor_ref=outcome.processor_ref, pending_since=None)
     )
     charge = await charges.retrieve(conn, principal, refund["charge_id"])
+    await ledger.post_refund(conn, principal, refund, charge["connector"])
     refunded = charge["amount_refunded"] + refund["amount"]
     await charges.update(
         conn, principal, charge["id"], amount_refunded=refunded, refunded=refunded >= charge["amount_captured"]

@@ -22,6 +22,7 @@ from strongroom.connectors.base import (
 from strongroom.errors import InvalidRequest, ObjectLocked, ProcessorFailure, ResourceMissing
 from strongroom.events import service as events
 from strongroom.idempotency.service import NULL_RECORDER, Recorder
+from strongroom.ledger import service as ledger
 from strongroom.money import format_minor, get_currency, parse_nonnegative_amount
 from strongroom.payments import authorize, charges, processing, views
 from strongroom.payments.authorize import Attempt, Finished, set_intent
@@ -170,6 +171,7 @@ async def drive(ctx: PaymentsContext, principal: Principal, intent_id: str, rec:
 async def _captured(conn: AsyncConnection, principal: Principal, intent: RowMapping) -> RowMapping:
     amount = intent["pending_amount"]
     await charges.update(conn, principal, intent["latest_charge_id"], captured=True, amount_captured=amount)
+    await ledger.post_capture(conn, principal, intent, intent["latest_charge_id"], amount)
     intent = await set_intent(
         conn, principal, intent["id"], status=S.SUCCEEDED, amount_received=amount, amount_capturable=0, **_CLEARED
     )

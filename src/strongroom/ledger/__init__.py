@@ -1,0 +1,1 @@
+"""Double-entry ledger: accounts, journal postings, balances (ARCHITECTURE: data rules, money)."""
