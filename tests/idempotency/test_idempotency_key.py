@@ -32,14 +32,14 @@ from strongroom.api.http import Services, _HttpRecorder
 from strongroom.app import create_app
 from strongroom.auth import service as auth_service
 from strongroom.auth.models import Principal
-from strongroom.connectors.base import AuthorizeRequest, Connector
+from strongroom.connectors.base import AuthorizeRequest, Connector, Declined
 from strongroom.connectors.routing import Router
 from strongroom.connectors.sandbox.tables import sandbox_operations
 from strongroom.events.tables import events
 from strongroom.idempotency import service as idempotency
 from strongroom.idempotency.service import Claim, Replay
 from strongroom.idempotency.tables import idempotency_keys
-from strongroom.payments import authorize, intents, methods, routes
+from strongroom.payments import authorize, intents, methods, recovery, routes
 from strongroom.payments import params as p
 from strongroom.payments.context import load
 from strongroom.payments.models import IntentStatus
@@ -799,3 +799,52 @@ async def test_i4_replay_is_not_a_new_claim(services: Services, merchant: Mercha
         lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s,
     )  # fmt: skip
     assert again == Replay(status=200, body=first.content)
+
+
+async def test_i3_decline_settled_by_the_sweep_is_what_the_retry_answers(
+    api: httpx.AsyncClient, services: Services, merchant: Merchant
+) -> None:
+    """The request dies after the processor declined; the recovery sweep settles the attempt
+    before the client retries. The retry must answer the 402 decline the first response would
+    have been (not a 200 with a requires_payment_method intent), and replay it after that."""
+    created = await post(
+        api, "/v1/payment_intents", {"amount": "1500", "currency": "eur", "payment_method": "pm_card_chargeDeclined"}
+    )
+    intent_id = created.json()["id"]
+    path = f"/v1/payment_intents/{intent_id}/confirm"
+    key = new_key()
+    principal = principal_of(merchant)
+    settings = services.settings.idempotency
+    claimed = await idempotency.claim(
+        services.db, principal, key, "POST", path, {}, lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s
+    )
+    assert isinstance(claimed, Claim)
+    async with services.db.tx() as conn:
+        intent = await load(conn, payment_intents, principal, intent_id, "payment_intent", for_update=True)
+        pm = await load(conn, payment_methods, principal, intent["payment_method_id"], "payment_method")
+        attempt = await authorize.begin(conn, principal, intent, pm, claimed)  # type: ignore[arg-type]
+    # What the dead request sent: the processor declines it and records the decline under the key.
+    request = AuthorizeRequest(
+        idempotency_key=attempt.key,
+        merchant_id=merchant.id,
+        amount_minor=1500,
+        currency="eur",
+        capture=True,
+        card=methods.card_ref(pm),
+        livemode=False,
+    )
+    with pytest.raises(Declined):
+        await services.payments.router.for_mode(False).authorize(request)
+
+    await recovery.sweep(services.payments, older_than_s=0)
+    settled = (await api.get(f"/v1/payment_intents/{intent_id}")).json()
+    assert settled["status"] == "requires_payment_method"
+
+    await backdate_key(services, merchant.id, key, locked_at=settings.lock_timeout_s + 5)
+    retried = await post(api, path, {}, key=key)
+    assert retried.status_code == 402, retried.text
+    assert retried.json()["error"]["code"] == "card_declined"
+    assert retried.json()["error"]["decline_code"] == "generic_decline"
+    assert retried.json()["error"]["payment_intent"]["id"] == intent_id
+    assert_replay_of(await post(api, path, {}, key=key), retried)
+    assert await services.sandbox.count_authorizations(merchant.id) == 0

@@ -19,7 +19,7 @@ from strongroom.connectors.base import (
     ProcessorTimeout,
     VoidRequest,
 )
-from strongroom.errors import InvalidRequest, ObjectLocked, ProcessorFailure, ResourceMissing
+from strongroom.errors import CardError, InvalidRequest, ObjectLocked, ProcessorFailure, ResourceMissing
 from strongroom.events import service as events
 from strongroom.idempotency.service import NULL_RECORDER, Recorder
 from strongroom.ledger import service as ledger
@@ -218,8 +218,21 @@ async def resume(ctx: PaymentsContext, principal: Principal, intent_id: str, rec
         return await drive(ctx, principal, intent_id, rec)
     async with ctx.db.tx() as conn:
         intent = await load(conn, payment_intents, principal, intent_id, "payment_intent")
-        await rec.finish(conn, intent)
-    return Finished(intent, None)
+        # The operation was settled meanwhile (by the recovery sweep). If it was this request's
+        # authorization and it failed, the retry answers the decline the first response would
+        # have been, not a 200.
+        error = _recorded_decline(intent)
+        await rec.finish(conn, error if error is not None else intent)
+    return Finished(intent, error)
+
+
+def _recorded_decline(intent: RowMapping) -> CardError | None:
+    failure = intent["last_payment_error"]
+    if intent["status"] != S.REQUIRES_PAYMENT_METHOD or not failure or failure.get("type") != "card_error":
+        return None
+    error = CardError(failure["message"], code=failure.get("code"), decline_code=failure.get("decline_code"))
+    error.extra.update({"charge": failure.get("charge"), "payment_intent": views.payment_intent(intent)})
+    return error
 
 
 async def authenticate(
