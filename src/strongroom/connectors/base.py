@@ -137,4 +137,3 @@ class Connector(Protocol):
 
         Raises the same `Declined` a decline raised the first time.
         """
-        ...

@@ -83,7 +83,7 @@ class CustomerCreate(Params):
 
 
 class CustomerUpdate(CustomerCreate):
-    pass
+    """Stripe accepts the same fields on update as on create."""
 
 
 class CustomerList(ListParams):
