@@ -6,7 +6,7 @@ only currencies in force, so "active" means "present in the package's table". Fr
 drop the codes that are not something a customer can pay in:
 
 * codes whose minor unit ISO gives as "N.A." (metals XAU/XAG/XPD/XPT, bond-market units
-  XBA to XBD, XDR, XSU, XUA, the test code XTS and XXX "no currency");
+  XBA to XBD, XDR, XSU, XUA, the test code XTS and the "no currency" code);
 * fund codes: BOV, CHE, CHW, CLF, COU, MXV, USN, UYI and UYW;
 * XAD, the Arab Monetary Fund's accounting dinar: a unit of account like XDR, but ISO
   gives it a minor unit, so the "N.A." rule alone would let it through.

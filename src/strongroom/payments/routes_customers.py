@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter
@@ -170,46 +171,38 @@ async def retrieve_payment_method(request: Request, pm_id: str) -> Response:
     return await http.get(request, p.Retrieve, op, _pm)
 
 
-@router.post(
-    "/v1/payment_methods/{pm_id}",
-    responses=openapi.responses(schemas.PaymentMethodOut),
-    openapi_extra=openapi.body(p.PaymentMethodUpdate),
-)
-async def update_payment_method(request: Request, pm_id: str) -> Response:
-    db = http.services(request).db
-
-    async def op(principal: Principal, params: p.PaymentMethodUpdate, rec: Recorder) -> RowMapping:
-        async with db.tx() as conn:
-            return await methods.update(conn, principal, pm_id, params, rec)
-
-    return await http.post(request, p.PaymentMethodUpdate, op, _pm)
+MethodAction = Callable[[AsyncConnection, Principal, str, Any, Recorder], Awaitable[RowMapping]]
 
 
-@router.post(
-    "/v1/payment_methods/{pm_id}/attach",
-    responses=openapi.responses(schemas.PaymentMethodOut),
-    openapi_extra=openapi.body(p.PaymentMethodAttach),
-)
-async def attach_payment_method(request: Request, pm_id: str) -> Response:
-    db = http.services(request).db
-
-    async def op(principal: Principal, params: p.PaymentMethodAttach, rec: Recorder) -> RowMapping:
-        async with db.tx() as conn:
-            return await methods.attach(conn, principal, pm_id, params, rec)
-
-    return await http.post(request, p.PaymentMethodAttach, op, _pm)
+async def _detach(conn: AsyncConnection, principal: Principal, pm_id: str, params: Any, rec: Recorder) -> RowMapping:
+    return await methods.detach(conn, principal, pm_id, rec)
 
 
-@router.post(
-    "/v1/payment_methods/{pm_id}/detach",
-    responses=openapi.responses(schemas.PaymentMethodOut),
-    openapi_extra=openapi.body(p.PaymentMethodDetach),
-)
-async def detach_payment_method(request: Request, pm_id: str) -> Response:
-    db = http.services(request).db
+def _method_action(suffix: str, model: type[p.Params], action: MethodAction, name: str) -> None:
+    """POST /v1/payment_methods/{id}<suffix>: update, attach and detach share one shape."""
 
-    async def op(principal: Principal, params: p.PaymentMethodDetach, rec: Recorder) -> RowMapping:
-        async with db.tx() as conn:
-            return await methods.detach(conn, principal, pm_id, rec)
+    async def handler(request: Request, pm_id: str) -> Response:
+        db = http.services(request).db
 
-    return await http.post(request, p.PaymentMethodDetach, op, _pm)
+        async def op(principal: Principal, params: Any, rec: Recorder) -> RowMapping:
+            async with db.tx() as conn:
+                return await action(conn, principal, pm_id, params, rec)
+
+        return await http.post(request, model, op, _pm)
+
+    router.add_api_route(
+        f"/v1/payment_methods/{{pm_id}}{suffix}",
+        handler,
+        methods=["POST"],
+        name=name,
+        responses=openapi.responses(schemas.PaymentMethodOut),
+        openapi_extra=openapi.body(model),
+    )
+
+
+for _suffix, _model, _action, _name in (
+    ("", p.PaymentMethodUpdate, methods.update, "update_payment_method"),
+    ("/attach", p.PaymentMethodAttach, methods.attach, "attach_payment_method"),
+    ("/detach", p.PaymentMethodDetach, _detach, "detach_payment_method"),
+):
+    _method_action(_suffix, _model, _action, _name)
