@@ -31,6 +31,7 @@ PREFIXES = {
     "balance_transaction": "txn_",
     "api_key": "key_",
     "card": "card_",
+    "reconciliation": "recon_",
 }
 
 

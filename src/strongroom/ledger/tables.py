@@ -46,3 +46,43 @@ sa.Index(
     ledger_entries.c.account,
     ledger_entries.c.currency,
 )
+
+# Reconciliation runs against a processor's settlement report. A report covers one processor
+# account shared by every merchant, so a run is not merchant data; each item names its merchant
+# when the line could be matched to one.
+reconciliation_runs = sa.Table(
+    "reconciliation_runs",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("created", Timestamp, nullable=False),
+    sa.Column("connector", sa.String(32), nullable=False),
+    sa.Column("report_format", sa.String(16), nullable=False),
+    sa.Column("report_sha256", sa.String(64), nullable=False),
+    sa.Column("period_start", Timestamp),
+    sa.Column("period_end", Timestamp),
+    sa.Column("lines", sa.Integer, nullable=False),
+    sa.Column("matched", sa.Integer, nullable=False),
+    sa.Column("missing_in_ledger", sa.Integer, nullable=False),
+    sa.Column("missing_at_processor", sa.Integer, nullable=False),
+    sa.Column("mismatched", sa.Integer, nullable=False),
+)
+
+reconciliation_items = sa.Table(
+    "reconciliation_items",
+    metadata,
+    sa.Column("run_id", sa.String(40), primary_key=True),
+    sa.Column("item", sa.Integer, primary_key=True, autoincrement=False),
+    # matched | missing_in_ledger | missing_at_processor | amount_mismatch | currency_mismatch
+    sa.Column("status", sa.String(24), nullable=False),
+    sa.Column("report_line", sa.Integer),  # 1-based data line of the report; None if missing there
+    sa.Column("processor_txn", sa.String(120)),
+    sa.Column("category", sa.String(24), nullable=False),  # charge | refund
+    sa.Column("source_ref", sa.String(120)),  # the processor's charge or refund reference
+    sa.Column("merchant_id", sa.String(40)),
+    sa.Column("ledger_transaction_id", sa.String(40)),
+    sa.Column("ledger_amount", sa.BigInteger),
+    sa.Column("ledger_currency", sa.String(3)),
+    sa.Column("report_amount", sa.BigInteger),
+    sa.Column("report_fee", sa.BigInteger),
+    sa.Column("report_currency", sa.String(3)),
+)
