@@ -316,7 +316,11 @@ async def test_other_merchants_object_is_missing_and_unchanged(world, case):
 
 async def test_balance_is_the_callers_own(world):
     a_balance = (await world.a.get("/v1/balance")).json()
-    assert a_balance["pending"] == [{"amount": 900, "currency": "usd"}]  # A's capture (1000) less its refund (100)
+    # A's capture (1000) is pending; its refund (100) was paid out of available.
+    assert (a_balance["pending"], a_balance["available"]) == (
+        [{"amount": 1000, "currency": "usd"}],
+        [{"amount": -100, "currency": "usd"}],
+    )
     response = await world.b.get("/v1/balance")
     assert response.status_code == 200, response.text
     # B has moved no money: nothing of A's balance (or ids) shows.

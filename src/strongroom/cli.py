@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ import typer
 from strongroom.auth import service as auth_service
 from strongroom.auth.models import NewMerchant
 from strongroom.bench.cli import bench
+from strongroom.ledger import commands as ledger_commands
 from strongroom.ledger import service as ledger_service
 from strongroom.ledger.service import CheckReport
 from strongroom.settings import Settings, load_settings
@@ -26,6 +28,8 @@ app.add_typer(merchants_app, name="merchants")
 ledger_app = typer.Typer(no_args_is_help=True, help="Double-entry ledger")
 app.add_typer(ledger_app, name="ledger")
 app.command("bench")(bench)
+sandbox_app = typer.Typer(no_args_is_help=True, help="The built-in sandbox processor")
+app.add_typer(sandbox_app, name="sandbox")
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default .strongroom)")]
 
@@ -156,6 +160,32 @@ def ledger_check(data_dir: DataDir = None) -> None:
             typer.echo(f"  {problem}", err=True)
         raise typer.Exit(1)
     typer.echo("ledger check ok: every transaction sums to zero per currency; no account below zero")
+
+
+@app.command("reconcile")
+def reconcile(
+    report: Annotated[Path, typer.Argument(help="Settlement report (CSV)", exists=True, dir_okay=False)],
+    connector: ledger_commands.ConnectorOption,
+    report_format: ledger_commands.FormatOption = ledger_commands.ReportFormat.STRIPE,
+    since: Annotated[datetime | None, typer.Option(help="Start of the report's interval (UTC)")] = None,
+    until: Annotated[datetime | None, typer.Option(help="End of the report's interval, exclusive (UTC)")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Reconcile a processor settlement report against the ledger; exit 1 if anything is unmatched.
+    Without --since/--until the interval is the span of the report's own lines."""
+    ledger_commands.run_reconcile(_settings(data_dir), report, connector, report_format, since, until)
+
+
+@sandbox_app.command("settlement-report")
+def sandbox_settlement_report(
+    out: Annotated[Path, typer.Option("--out", help="CSV file to write")],
+    since: Annotated[datetime | None, typer.Option(help="First instant covered (UTC)")] = None,
+    until: Annotated[datetime | None, typer.Option(help="End of the period, exclusive (UTC)")] = None,
+    available_after_days: Annotated[int, typer.Option(min=0, help="Days until funds become available")] = 0,
+    data_dir: DataDir = None,
+) -> None:
+    """Write the sandbox processor's settlement report in Stripe's itemized balance-change format."""
+    ledger_commands.run_settlement_report(_settings(data_dir), out, since, until, available_after_days)
 
 
 def main() -> None:

@@ -124,9 +124,18 @@ async def test_authorization_and_void_post_nothing(api, services, merchant):
 async def test_merchant_pending_can_never_go_negative(api, services, merchant):
     await paid_intent(api, amount=1000)
     principal = _principal(merchant)
+    entries = [Entry("merchant_pending", 1001), Entry("processor_receivable:sandbox", -1001)]
     with pytest.raises(InvariantError, match="negative"):
         async with services.db.tx() as conn:
-            await ledger.post_refund(
-                conn, principal, {"id": "re_toomuch", "amount": 1001, "currency": "usd"}, "sandbox"
-            )
+            await ledger.post(conn, principal, "refund", "re_toomuch", "refund", "usd", entries)
     assert await _count(services, merchant) == (1, 2)
+
+
+async def test_a_refund_is_paid_out_of_the_available_balance_as_at_stripe(api, merchant):
+    intent = await paid_intent(api, amount=1000)
+    response = await api.post("/v1/refunds", data={"payment_intent": intent["id"], "amount": "400"})
+    assert response.status_code == 200, response.text
+    balance = (await api.get("/v1/balance")).json()
+    assert balance["pending"] == [{"amount": 1000, "currency": "usd"}]
+    # The charge has not settled yet: the merchant owes the refund until it does.
+    assert balance["available"] == [{"amount": -400, "currency": "usd"}]

@@ -1,5 +1,5 @@
 """Property: over random sequences of payments, partial captures and refunds in zero-, two- and
-three-decimal currencies, the ledger's pending balance equals captured - refunded per currency,
+three-decimal currencies, the merchant's balance (pending + available) equals captured - refunded per currency,
 and the trial balance holds after every sequence."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ async def _post(api: httpx.AsyncClient, path: str, **data: Any) -> dict[str, Any
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(STEP, min_size=1, max_size=12))
-async def test_pending_balance_equals_captured_minus_refunded(app, services, steps):
+async def test_merchant_balance_equals_captured_minus_refunded(app, services, steps):
     merchant = await new_merchant(services, "Model")
     transport = httpx.ASGITransport(app=app)
     headers = {"Authorization": f"Bearer {merchant.secret_key}"}
@@ -74,7 +74,8 @@ async def test_pending_balance_equals_captured_minus_refunded(app, services, ste
                 expected[target["currency"]] -= part
         balance = (await api.get("/v1/balance")).json()
     pending = {b["currency"]: b["amount"] for b in balance["pending"]}
-    assert pending == dict(expected)
+    available = {b["currency"]: b["amount"] for b in balance["available"]}
+    assert {c: pending[c] + available[c] for c in pending} == dict(expected)
     async with services.db.read() as conn:
         report = await ledger.check(conn, merchant_id=merchant.id)
     assert report.ok, report.problems

@@ -33,7 +33,8 @@ async def test_check_passes_on_postings_and_reports_their_balances(api, services
     assert everything.ok, everything.problems
     assert (report.transactions, report.entries) == (2, 4)
     assert report.balances == {
-        (merchant.id, False, "merchant_pending", "usd"): -2000,
+        (merchant.id, False, "merchant_pending", "usd"): -3000,
+        (merchant.id, False, "merchant_available", "usd"): 1000,
         (merchant.id, False, "processor_receivable:sandbox", "usd"): 2000,
     }
 

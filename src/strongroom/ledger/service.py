@@ -8,6 +8,7 @@ database refuses a second posting for the same (source, kind) by a unique constr
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from strongroom.auth.models import Principal
 from strongroom.errors import InvariantError, ResourceMissing
 from strongroom.ids import new_id
 from strongroom.ledger.models import (
+    LISTED_KINDS,
     MERCHANT_ACCOUNTS,
+    MERCHANT_AVAILABLE,
     MERCHANT_PENDING,
     Entry,
     Kind,
@@ -142,7 +145,7 @@ async def post_capture(
 
 
 async def post_refund(conn: AsyncConnection, principal: Principal, refund: RowMapping, connector: str) -> str:
-    """A succeeded refund: the merchant's pending balance pays it back through the processor."""
+    """A succeeded refund: paid out of the merchant's available balance through the processor."""
     amount_minor = refund["amount"]
     return await post(
         conn,
@@ -151,7 +154,43 @@ async def post_refund(conn: AsyncConnection, principal: Principal, refund: RowMa
         refund["id"],
         Kind.REFUND,
         refund["currency"],
-        [Entry(MERCHANT_PENDING.name, amount_minor), Entry(receivable(connector), -amount_minor)],
+        [Entry(MERCHANT_AVAILABLE.name, amount_minor), Entry(receivable(connector), -amount_minor)],
+    )
+
+
+async def post_fee(
+    conn: AsyncConnection,
+    principal: Principal,
+    source_type: str,
+    source_id: str,
+    connector: str,
+    currency: str,
+    fee_minor: int,
+) -> str | None:
+    """The processor's fee, as its settlement report states it: kept out of what it pays us and
+    borne by the merchant. A charge's fee comes out of that charge's pending funds; a fee on a
+    refund (or a fee returned, negative) out of or into the available balance."""
+    if fee_minor == 0:
+        return None
+    merchant = MERCHANT_PENDING if source_type == "charge" else MERCHANT_AVAILABLE
+    entries = [Entry(merchant.name, fee_minor), Entry(receivable(connector), -fee_minor)]
+    return await post(conn, principal, source_type, source_id, Kind.FEE, currency, entries)
+
+
+async def post_settlement(
+    conn: AsyncConnection, principal: Principal, charge_id: str, currency: str, net_minor: int
+) -> str | None:
+    """A charge's net funds (gross - fee) became payable: pending → available."""
+    if net_minor <= 0:
+        return None
+    return await post(
+        conn,
+        principal,
+        "charge",
+        charge_id,
+        Kind.SETTLE,
+        currency,
+        [Entry(MERCHANT_PENDING.name, net_minor), Entry(MERCHANT_AVAILABLE.name, -net_minor)],
     )
 
 
@@ -190,6 +229,7 @@ def _scope(principal: Principal) -> list[sa.ColumnElement[bool]]:
     return [
         ledger_transactions.c.merchant_id == principal.merchant_id,
         ledger_transactions.c.livemode == principal.livemode,
+        ledger_transactions.c.kind.in_(LISTED_KINDS),
     ]
 
 
@@ -208,40 +248,55 @@ async def retrieve_balance_transaction(conn: AsyncConnection, principal: Princip
 async def balance_transaction_views(
     conn: AsyncConnection, principal: Principal, rows: Sequence[RowMapping]
 ) -> list[dict[str, Any]]:
-    """Stripe's balance_transaction objects: the amount is the change of what we owe the merchant."""
+    """Stripe's balance_transaction objects: the amount is the change of what we owe the merchant;
+    the processor's fee and the settlement of a charge show on that charge's transaction."""
     if not rows:
         return []
+    t, e = ledger_transactions.c, ledger_entries.c
     sums = await conn.execute(
-        sa.select(ledger_entries.c.transaction_id, sa.func.sum(ledger_entries.c.amount_minor))
+        sa.select(t.source_type, t.source_id, t.kind, t.created, sa.func.sum(e.amount_minor))
+        .join(ledger_entries, sa.and_(e.merchant_id == t.merchant_id, e.transaction_id == t.id))
         .where(
-            ledger_entries.c.merchant_id == principal.merchant_id,
-            ledger_entries.c.transaction_id.in_([r["id"] for r in rows]),
-            ledger_entries.c.account.in_(MERCHANT_ACCOUNTS),
+            t.merchant_id == principal.merchant_id,
+            t.source_id.in_([r["source_id"] for r in rows]),
+            e.account.in_(MERCHANT_ACCOUNTS),
         )
-        .group_by(ledger_entries.c.transaction_id)
+        .group_by(t.source_type, t.source_id, t.kind, t.created)
     )
-    owed = {txn_id: -int(total) for txn_id, total in sums}
-    return [_view(row, owed.get(row["id"], 0)) for row in rows]
+    related: dict[tuple[str, str, str], tuple[dt.datetime, int]] = {
+        (source_type, source_id, kind): (created, -int(total)) for source_type, source_id, kind, created, total in sums
+    }
+    return [_view(row, related) for row in rows]
 
 
-def _view(row: RowMapping, amount_minor: int) -> dict[str, Any]:
+def _view(row: RowMapping, related: dict[tuple[str, str, str], tuple[dt.datetime, int]]) -> dict[str, Any]:
+    source = (row["source_type"], row["source_id"])
+    amount_minor = related.get((*source, row["kind"]), (row["created"], 0))[1]
+    fee_minor = -related.get((*source, Kind.FEE), (row["created"], 0))[1]
+    settled = related.get((*source, Kind.SETTLE))
     created = epoch_s(row["created"])
+    category = "charge" if row["kind"] == Kind.CAPTURE else "refund"
     return {
         "id": row["id"],
         "object": "balance_transaction",
         "amount": amount_minor,
-        "fee": 0,
-        "fee_details": [],
-        "net": amount_minor,
+        "fee": fee_minor,
+        "fee_details": (
+            [{"amount": fee_minor, "currency": row["currency"], "description": "Processing fees", "type": "stripe_fee"}]
+            if fee_minor
+            else []
+        ),
+        "net": amount_minor - fee_minor,
         "currency": row["currency"],
-        "type": "charge" if row["kind"] == Kind.CAPTURE else "refund",
+        "type": category,
         "source": row["source_id"],
-        "status": "pending",
-        # No payout schedule yet: funds stay pending, and the date is the posting's own.
-        "available_on": created,
+        # Refunds are paid out of the balance at once; a charge is pending until the processor's
+        # settlement report makes its funds available (see `strongroom reconcile`).
+        "status": "available" if settled or row["kind"] != Kind.CAPTURE else "pending",
+        "available_on": epoch_s(settled[0]) if settled else created,
         "created": created,
         "description": None,
-        "reporting_category": "charge" if row["kind"] == Kind.CAPTURE else "refund",
+        "reporting_category": category,
     }
 
 
