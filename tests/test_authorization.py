@@ -44,6 +44,15 @@ NO_MERCHANT_DATA = {
 STATIC_PAGES = {("GET", "/v1/sandbox/3ds/{merchant_id}/{intent_id}")}
 # Routes that name no object: they answer with the caller's own data only (checked below).
 OWN_ONLY = {("GET", "/v1/balance")}
+# The hosted card form's page and files read no object; its card submission is authorized by a
+# session's client secret, not an API key, and acts for the session's merchant only (checked below
+# and in tests/vault/test_hosted_form.py).
+CARD_FORM_ROUTES = {
+    ("GET", "/v1/elements/card"),
+    ("GET", "/v1/elements/card.js"),
+    ("GET", "/v1/elements/card.css"),
+    ("POST", "/v1/elements/payment_methods"),
+}
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ CUS = "/v1/customers/{customer_id}"
 PM = "/v1/payment_methods/{pm_id}"
 AMOUNT = {"amount": "1000", "currency": "usd"}
 CARD_FORM = {"type": "card", "card[number]": A_CARD, "card[exp_month]": "12", "card[exp_year]": "2034"}
+TOKEN_PARAMS = {k: v for k, v in CARD_FORM.items() if k != "type"}
 
 CASES = [
     # payment intents
@@ -134,6 +144,14 @@ CASES = [
         param="customer",
     ),
     _case("POST", PM + "/detach", "/v1/payment_methods/{a_pm}/detach"),
+    # card tokens: B tokenizing A's card gets B's own token; A's token is missing for B, even to spend
+    _case("POST", "/v1/tokens", params=TOKEN_PARAMS, status=200, creates_own=True),
+    _case("GET", "/v1/tokens/{token_id}", "/v1/tokens/{a_token}"),
+    _case("POST", "/v1/payment_methods", params={"type": "card", "card[token]": "{a_token}"}, param="card[token]"),
+    # hosted card form sessions: B gets a session for itself only
+    _case(
+        "POST", "/v1/elements/sessions", params={"allowed_origin": "https://shop.example"}, status=200, creates_own=True
+    ),
     # events
     _case("GET", "/v1/events", params={"starting_after": "{a_event}"}, status=400, param="starting_after"),
     _case("GET", "/v1/events/{event_id}", "/v1/events/{a_event}"),
@@ -173,6 +191,7 @@ class World:
             ("pi_3ds", "/v1/payment_intents/{a_pi_3ds}"),
             ("charge", "/v1/charges/{a_charge}"),
             ("refund", "/v1/refunds/{a_refund}"),
+            ("token", "/v1/tokens/{a_token}"),
             ("b_pi", "/v1/payment_intents/{b_pi}"),
             ("b_pm", "/v1/payment_methods/{b_pm}"),
             ("b_customer", "/v1/customers/{b_customer}"),
@@ -231,6 +250,7 @@ async def world(app, services) -> AsyncIterator[World]:
             a, "/v1/payment_intents", **AMOUNT, customer=customer["id"], payment_method=pm["id"], confirm="true"
         )
         refund = await _post(a, "/v1/refunds", payment_intent=paid["id"], amount="100")
+        card_token = await _post(a, "/v1/tokens", **TOKEN_PARAMS)
         three_ds = await _post(
             a, "/v1/payment_intents", **AMOUNT, payment_method="pm_card_threeDSecureRequired", confirm="true"
         )
@@ -258,6 +278,7 @@ async def world(app, services) -> AsyncIterator[World]:
             "a_3ds_token": token,
             "a_charge": paid["latest_charge"],
             "a_refund": refund["id"],
+            "a_token": card_token["id"],
             "a_event": event["id"],
             "a_txn": txn["id"],
             "b_merchant": merchant_b.id,
@@ -281,7 +302,9 @@ def _routes(app: Any) -> set[tuple[str, str]]:
 
 
 def test_every_route_has_a_case(app):
-    covered = {(case.method, case.route) for case in CASES} | NO_MERCHANT_DATA | STATIC_PAGES | OWN_ONLY
+    covered = (
+        {(case.method, case.route) for case in CASES} | NO_MERCHANT_DATA | STATIC_PAGES | OWN_ONLY | CARD_FORM_ROUTES
+    )
     assert _routes(app) == covered
 
 
@@ -370,3 +393,15 @@ async def test_idempotency_keys_are_per_merchant(api, app, services):
         assert theirs.json()["email"] == "b@example.com"
         replay = await other_api.post("/v1/customers", data={"email": "b@example.com"}, headers=headers)
         assert replay.json() == theirs.json()
+
+
+async def test_card_form_submission_acts_for_the_sessions_merchant_only(world):
+    """B's card form session stores the card as B's, whatever API key rides along; A sees nothing."""
+    before = await world.snapshot(include_b_methods=False)
+    session = await _post(world.b, "/v1/elements/sessions", allowed_origin="https://shop.example")
+    card = {**TOKEN_PARAMS, "card[number]": "4000056655665556"}
+    # Sent with A's API key: the form is authorized by the session alone.
+    pm = await _post(world.a, "/v1/elements/payment_methods", client_secret=session["client_secret"], **card)
+    assert (await world.b.get(f"/v1/payment_methods/{pm['id']}")).status_code == 200
+    assert (await world.a.get(f"/v1/payment_methods/{pm['id']}")).status_code == 404
+    assert await world.snapshot(include_b_methods=False) == before

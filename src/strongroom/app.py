@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import sqlalchemy as sa
 import structlog
 from fastapi import FastAPI
@@ -26,16 +27,22 @@ from strongroom.api.http import Services
 from strongroom.auth.service import KeyHasher, PrincipalCache
 from strongroom.connectors.routing import Router
 from strongroom.connectors.sandbox import SandboxConnector, SandboxProcessor
+from strongroom.connectors.sandbox.connector import SANDBOX_ORIGIN
+from strongroom.connectors.sandbox.http import SandboxHttp
 from strongroom.errors import Overloaded
 from strongroom.events import routes as event_routes
 from strongroom.idempotency import service as idempotency
 from strongroom.ledger import routes as ledger_routes
-from strongroom.payments import recovery, routes, routes_customers, routes_sandbox
+from strongroom.payments import recovery, routes, routes_customers, routes_elements, routes_sandbox, routes_tokens
 from strongroom.payments.context import PaymentsContext
 from strongroom.sensitive import Secret
 from strongroom.settings import Settings
 from strongroom.store.db import Database
-from strongroom.vault.keystore import DevelopmentKeystore
+from strongroom.vault import rotation
+from strongroom.vault.interface import CardVault
+from strongroom.vault.keystore import open_keystore
+from strongroom.vault.relay import Allowlist, CardRelay, Relay
+from strongroom.vault.remote import RemoteRelay, RemoteVault
 from strongroom.vault.service import CvcCache, Vault
 
 log = structlog.get_logger(__name__)
@@ -65,14 +72,9 @@ def key_hasher(settings: Settings) -> KeyHasher:
 
 
 def build_services(settings: Settings, db: Database, public_url: str) -> Services:
-    if not settings.development:
-        raise RuntimeError(
-            "Only the development keystore exists yet: production mode needs the HSM keystore (vault issue)."
-        )
-    keystore = DevelopmentKeystore(settings.vault.key_file or settings.data_dir / "keys" / "dev-kek.key")
-    vault = Vault(keystore, CvcCache(settings.vault.cvc_ttl_s, settings.vault.cvc_cache_max))
     sandbox = SandboxProcessor(db)
-    router = Router(sandbox=SandboxConnector(sandbox))
+    vault, relay = _vault_and_relay(settings, db, sandbox)
+    router = Router(sandbox=SandboxConnector(sandbox, relay, url=settings.payments.sandbox_url))
     payments = PaymentsContext(
         db=db,
         vault=vault,
@@ -88,7 +90,30 @@ def build_services(settings: Settings, db: Database, public_url: str) -> Service
         payments=payments,
         sandbox=sandbox,
         principals=PrincipalCache(settings.auth.key_cache_ttl_s),
+        relay=relay,
     )
+
+
+def _vault_and_relay(settings: Settings, db: Database, sandbox: SandboxProcessor) -> tuple[CardVault, CardRelay]:
+    """In-process by default; across the signed channel when the vault runs as its own process
+    (`vault.url`). Either way card data reaches processors only through the vault's relay."""
+    if settings.vault.url:
+        if settings.vault.service_secret is None:
+            raise RuntimeError("STRONGROOM_VAULT__URL needs STRONGROOM_VAULT__SERVICE_SECRET")
+        secret = Secret(settings.vault.service_secret.get_secret_value().encode())
+        remote = RemoteVault(settings.vault.url, secret, timeout_s=settings.payments.processor_timeout_s)
+        return remote, RemoteRelay(remote)
+    cvcs = CvcCache(settings.vault.cvc_ttl_s, settings.vault.cvc_cache_max)
+    vault = Vault(db, open_keystore(settings), cvcs, settings.vault)
+    # The sandbox is a local test processor, reached in-process.
+    relay = Relay(
+        vault,
+        db,
+        Allowlist(settings.vault.relay_allowlist, local_test_origins=[SANDBOX_ORIGIN]),
+        timeout_s=settings.payments.processor_timeout_s,
+        transports={SANDBOX_ORIGIN: httpx.ASGITransport(app=SandboxHttp(sandbox))},
+    )
+    return vault, relay
 
 
 async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[object]]) -> None:
@@ -121,6 +146,8 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
             pool_timeout_s=settings.database.pool_timeout_s,
         )
         app.state.services = build_services(settings, db, public_url)
+        if isinstance(app.state.services.payments.vault, Vault):
+            await app.state.services.payments.vault.keys.warm()
         tasks = []
         if background:
             ctx = app.state.services.payments
@@ -137,11 +164,28 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
                     )
                 ),
             ]
+            if settings.vault.rotation_enabled and isinstance(ctx.vault, Vault):
+                # PCI DSS 3.7.4 (SECURITY.md P6): the KEK is rotated when its crypto-period ends.
+                vault_settings = settings.vault
+                tasks.append(
+                    asyncio.create_task(
+                        _every(
+                            vault_settings.rotation_interval_s,
+                            "key_rotation",
+                            lambda: rotation.tick(ctx.vault, vault_settings),
+                        )
+                    )
+                )
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
+            if app.state.services.relay is not None:
+                await app.state.services.relay.aclose()
+            if isinstance(app.state.services.payments.vault, RemoteVault):
+                await app.state.services.payments.vault.aclose()
+            app.state.services.payments.vault.close()
             await db.dispose()
 
     app = FastAPI(
@@ -160,11 +204,21 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
         event_routes.router,
         ledger_routes.router,
         routes_sandbox.router,
+        routes_tokens.router,
+        routes_elements.router,
     ):
         app.include_router(router)
+    if settings.development and settings.payments.sandbox_url.rstrip("/") != SANDBOX_ORIGIN:
+        # The sandbox processor's endpoint for a vault running as its own process (its relay
+        # reaches it over loopback); development only, and only when configured.
+        app.mount("/sandbox", _sandbox_endpoint)
     _operational(app, settings)
     openapi.install(app)
     return app
+
+
+async def _sandbox_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    await SandboxHttp(scope["app"].state.services.sandbox)(scope, receive, send)
 
 
 def _operational(app: FastAPI, settings: Settings) -> None:

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import structlog
 import typer
 
+from strongroom import redact, tls
 from strongroom.auth import service as auth_service
 from strongroom.auth.models import NewMerchant
 from strongroom.bench.cli import bench
@@ -27,9 +28,15 @@ merchants_app = typer.Typer(no_args_is_help=True, help="Merchant accounts")
 app.add_typer(merchants_app, name="merchants")
 ledger_app = typer.Typer(no_args_is_help=True, help="Double-entry ledger")
 app.add_typer(ledger_app, name="ledger")
+keys_app = typer.Typer(no_args_is_help=True, help="Vault keys: versions, what they protect, rotation")
+app.add_typer(keys_app, name="keys")
+certs_app = typer.Typer(no_args_is_help=True, help="TLS certificates")
+app.add_typer(certs_app, name="certs")
 app.command("bench")(bench)
 sandbox_app = typer.Typer(no_args_is_help=True, help="The built-in sandbox processor")
 app.add_typer(sandbox_app, name="sandbox")
+vault_app = typer.Typer(no_args_is_help=True, help="The card vault as its own process")
+app.add_typer(vault_app, name="vault")
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default .strongroom)")]
 
@@ -45,11 +52,17 @@ def _settings(data_dir: Path | None) -> Settings:
 
 
 def _configure_logging(level: str) -> None:
+    """JSON logs through structlog, plain ones through the standard library; in both, PCI DSS
+    3.4.1: every PAN is masked (exception text included) before it is written. Called again in
+    each worker after uvicorn has built its handlers, so theirs get the filter too."""
     logging.basicConfig(level=level.upper(), format="%(message)s")
+    redact.install_logging_filter()
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact.redact_event,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -90,13 +103,23 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8080,
     data_dir: DataDir = None,
     workers: Annotated[int, typer.Option(help="Worker processes")] = 1,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="TLS certificate chain (PEM)")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="TLS private key (PEM)")] = None,
 ) -> None:
-    """Run the API server (SQLite, development keystore and sandbox processor by default)."""
+    """Run the API server (SQLite, development keystore and sandbox processor by default).
+    With --tls-cert and --tls-key it speaks TLS only: 1.3 unless http.tls_min_version is "1.2"."""
     import os
 
     import uvicorn
 
     settings = _settings(data_dir)
+    try:
+        http = settings.http
+        policy = tls.listener_policy(tls_cert or http.tls_cert_file, tls_key or http.tls_key_file, http.tls_min_version)
+    except tls.TlsConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    scheme = "https" if policy is not None else "http"
     if settings.database_url is None:
         upgrade(settings.effective_database_url)  # the embedded default migrates itself
     if not asyncio.run(_has_merchant(settings)):
@@ -105,8 +128,8 @@ def serve(
         typer.echo(f"Its test secret key (shown once, store it now): {merchant.secret_key}")
     # Worker processes rebuild settings from the environment: pin the data dir and public URL there.
     os.environ["STRONGROOM_DATA_DIR"] = str(settings.data_dir.resolve())
-    os.environ["STRONGROOM_PUBLIC_URL"] = f"http://{host}:{port}"
-    typer.echo(f"Strongroom listening on http://{host}:{port}")
+    os.environ["STRONGROOM_PUBLIC_URL"] = f"{scheme}://{host}:{port}"
+    typer.echo(f"Strongroom listening on {scheme}://{host}:{port}")
     uvicorn.run(
         "strongroom.app:app_from_environment",
         factory=True,
@@ -114,9 +137,32 @@ def serve(
         port=port,
         workers=workers,
         log_level=settings.log_level,
+        # uvicorn replaces its handlers from this dictionary, in this process and in each worker.
+        log_config=redact.with_redaction(uvicorn.config.LOGGING_CONFIG),
         access_log=False,
         server_header=False,
+        # Pickled into each spawned worker; it builds our TLS context, not uvicorn's default one.
+        ssl_context_factory=tls.uvicorn_factory(policy) if policy is not None else None,
     )
+
+
+@certs_app.command("dev")
+def certs_dev(
+    out: Annotated[Path, typer.Option("--out", help="Directory for cert.pem and key.pem")],
+    host: Annotated[list[str] | None, typer.Option("--host", help="Extra DNS name or IP address (repeatable)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing certificate and key")] = False,
+) -> None:
+    """Generate a self-signed development certificate (ECDSA P-256) for localhost, 127.0.0.1, ::1
+    and each --host, and its key (0600). Not for production: clients must trust it by hand."""
+    try:
+        created = tls.write_dev_certificate(out, host or (), overwrite=force)
+    except tls.TlsConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"certificate: {created.cert_file}")
+    typer.echo(f"key (0600):  {created.key_file}")
+    typer.echo(f"hosts: {', '.join(created.hosts)}; valid until {created.not_after:%Y-%m-%d}")
+    typer.echo(f"serve with: strongroom serve --tls-cert {created.cert_file} --tls-key {created.key_file}")
 
 
 @merchants_app.command("create")
@@ -186,6 +232,81 @@ def sandbox_settlement_report(
 ) -> None:
     """Write the sandbox processor's settlement report in Stripe's itemized balance-change format."""
     ledger_commands.run_settlement_report(_settings(data_dir), out, since, until, available_after_days)
+
+
+@keys_app.command("status")
+def keys_status(data_dir: DataDir = None) -> None:
+    """Each key-encryption key version, what it protects, and rotation progress."""
+    from strongroom.vault import rotation
+
+    settings = _settings(data_dir)
+    if settings.database_url is None:
+        upgrade(settings.effective_database_url)
+    for line in asyncio.run(rotation.run(settings, rotation.status_lines)):
+        typer.echo(line)
+
+
+@keys_app.command("rotate")
+def keys_rotate(data_dir: DataDir = None) -> None:
+    """New KEK version in the keystore, every DEK re-wrapped under it, cards re-encrypted under fresh
+    DEKs, unreferenced versions destroyed. Online; after a crash, rerun it to continue."""
+    from strongroom.vault import rotation
+
+    settings = _settings(data_dir)
+    if settings.database_url is None:
+        upgrade(settings.effective_database_url)
+    report = asyncio.run(rotation.run(settings, lambda vault: rotation.rotate(vault, settings.vault)))
+    verb = "rotated to" if report.started else "continued rotation to"
+    typer.echo(
+        f"{verb} KEK v{report.kek_version}: {report.rewrapped} DEKs re-wrapped, {report.reencrypted} cards "
+        f"re-encrypted, {report.deks_destroyed} DEKs and KEK versions {report.keks_destroyed or 'none'} destroyed"
+    )
+    if report.unreadable:
+        typer.echo(f"{report.unreadable} items failed their integrity check and were left in place", err=True)
+        raise typer.Exit(1)
+
+
+@vault_app.command("serve")
+def vault_serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8081,
+    data_dir: DataDir = None,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="TLS certificate chain (PEM)")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="TLS private key (PEM)")] = None,
+) -> None:
+    """Run the vault (the cardholder-data environment) as its own process, for an api configured
+    with STRONGROOM_VAULT__URL. Needs STRONGROOM_VAULT__SERVICE_SECRET (shared with the api);
+    keeps its cards in STRONGROOM_VAULT__DATABASE_URL (its own database and credentials)."""
+    import os
+
+    import uvicorn
+
+    settings = _settings(data_dir)
+    if settings.vault.service_secret is None or len(settings.vault.service_secret.get_secret_value()) < 32:
+        typer.echo("error: STRONGROOM_VAULT__SERVICE_SECRET must be set (at least 32 bytes)", err=True)
+        raise typer.Exit(2)
+    try:
+        policy = tls.listener_policy(tls_cert, tls_key, settings.http.tls_min_version)
+    except tls.TlsConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    vault_database = settings.vault.database_url or settings.effective_database_url
+    upgrade(vault_database)  # its own database: the vault migrates it itself
+    os.environ["STRONGROOM_DATA_DIR"] = str(settings.data_dir.resolve())
+    scheme = "https" if policy is not None else "http"
+    typer.echo(f"Strongroom vault listening on {scheme}://{host}:{port}")
+    uvicorn.run(
+        "strongroom.api.vault_service:vault_app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=1,  # one process: the channel's replay cache and the CVC cache live in it
+        log_level=settings.log_level,
+        log_config=redact.with_redaction(uvicorn.config.LOGGING_CONFIG),
+        access_log=False,
+        server_header=False,
+        ssl_context_factory=tls.uvicorn_factory(policy) if policy is not None else None,
+    )
 
 
 def main() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from strongroom.redact import redact
+
 
 class InvariantError(Exception):
     """A broken internal invariant (debits != credits, refund > captured). Never caught: a bug."""
@@ -30,10 +32,12 @@ class StrongroomError(Exception):
         decline_code: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
+        # PCI DSS 3.4.1: a message or parameter name may echo client input, which may hold a PAN.
+        message = redact(message)
         super().__init__(message)
         self.message = message
         self.code = code if code is not None else self.default_code
-        self.param = param
+        self.param = redact(param) if param is not None else None
         self.decline_code = decline_code
         self.extra = extra or {}
 

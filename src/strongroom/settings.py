@@ -44,6 +44,9 @@ class PaymentsSettings(BaseModel):
     recovery_batch: int = Field(default=100, ge=1)
     processor_retry_max: int = Field(default=2, ge=0, le=10)
     processor_timeout_s: float = Field(default=10.0, gt=0)
+    # Where the sandbox processor's card-bearing endpoint is: in-process by default; the api's own
+    # /sandbox mount (e.g. http://127.0.0.1:8080/sandbox) when the vault runs as its own process.
+    sandbox_url: str = "http://sandbox.internal"
     # Failure injection for crash-recovery tests: "exit_after_processor_call" ends the process
     # between the processor's answer and the commit that records it. Honoured only in
     # development mode.
@@ -60,8 +63,45 @@ class AuthSettings(BaseModel):
 
 
 class VaultSettings(BaseModel):
-    # Until the HSM-backed vault lands: path of the development key file (0600) under DATA_DIR.
+    # The development keystore's root key file (0600; default DATA_DIR/keys/dev-kek.key): keys the
+    # card fingerprints and opens cards stored before envelope encryption. Its KEK versions are
+    # files beside it.
     key_file: Path | None = None
+    # Production (`development` false) refuses the development keystore unless this is set.
+    allow_development_keystore: bool = False
+    # NIST SP 800-38D with 96-bit random nonces: at most 2^32 encryptions per key (SECURITY.md C1);
+    # a DEK is retired far below that. Processes reserve encryptions in blocks of this size.
+    dek_max_encryptions: int = Field(default=2**24, ge=1, le=2**32)
+    dek_reserve_block: int = Field(default=4096, ge=1, le=2**20)
+    # NIST SP 800-57 crypto-periods per key type (SECURITY.md C2): a KEK is rotated, a DEK retired,
+    # once its period ends. Fractions of a day are allowed (tests).
+    kek_crypto_period_days: float = Field(default=365.0, gt=0, le=2 * 365)
+    dek_crypto_period_days: float = Field(default=90.0, gt=0, le=2 * 365)
+    # Unwrapped DEKs (and a process's reserved block) live in memory at most this long.
+    dek_cache_ttl_s: float = Field(default=300.0, gt=0, le=3600)
+    dek_cache_max: int = Field(default=1024, ge=1)
+    # Per-merchant fingerprint keys (computed in the HSM) are cached this long.
+    fingerprint_key_ttl_s: float = Field(default=3600.0, gt=0, le=24 * 3600)
+    fingerprint_key_cache_max: int = Field(default=100_000, ge=1)
+    # Scheduled rotation: how often the background loop checks whether the active KEK is due.
+    rotation_enabled: bool = True
+    rotation_interval_s: float = Field(default=3600.0, gt=0)
+    rotation_batch: int = Field(default=500, ge=1, le=10_000)
+    # A retired key is destroyed only once nothing references it AND it has been retired this
+    # long: longer than any process may still hold a reserved block of it (dek_cache_ttl_s).
+    retired_key_grace_s: float = Field(default=900.0, ge=0)
+    # Processor origins the relay may send card data to (https:// only, exact host and port),
+    # e.g. ["https://api.stripe.com"]. The in-process sandbox is always allowed.
+    relay_allowlist: list[str] = []
+    # Plain-HTTP processors the relay may use, for local testing only (e.g. the api's own
+    # /sandbox endpoint when the vault runs as its own process). Empty in production.
+    relay_local_test_origins: list[str] = []
+    # Segmentation (issue 4 item 9). On the api: the vault service's URL; unset = in-process.
+    url: str | None = None
+    # Shared by the api and the vault service to sign and verify internal calls (>= 32 bytes).
+    service_secret: SecretStr | None = None
+    # On the vault service: its own database (own credentials); unset = the main database.
+    database_url: str | None = None
     # CVCs live in memory only, until the first authorization, and at most this long.
     cvc_ttl_s: float = Field(default=600.0, gt=0, le=600)
     cvc_cache_max: int = Field(default=100_000, ge=1)
@@ -73,6 +113,11 @@ class HttpSettings(BaseModel):
     # Admission control: API requests in flight per worker process beyond which new ones are
     # shed at once with 503 + Retry-After, instead of queueing until they time out.
     max_inflight: int = Field(default=128, ge=1)
+    # PCI DSS 4.2.1: `strongroom serve` with a certificate and key listens with TLS only. The floor
+    # is TLS 1.3; "1.2" admits TLS 1.2 clients, then with ECDHE + AEAD suites only.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_min_version: Literal["1.3", "1.2"] = "1.3"
 
 
 class Settings(BaseSettings):

@@ -204,4 +204,6 @@ def test_request_bodies_with_required_parameters_are_documented_as_required(api:
         "POST /v1/payment_intents",
         "POST /v1/payment_methods",
         "POST /v1/payment_methods/{pm_id}/attach",
+        "POST /v1/tokens",
+        "POST /v1/elements/sessions",
     }

@@ -5,8 +5,8 @@ would: these tests run the embedded default (SQLite at DATA_DIR/strongroom.db, i
 files, the development keys) in a data dir of their own, so that nothing another test stored can
 hide or fake a finding. On PostgreSQL the same questions are asked through SQL.
 
-C4 (ciphertext moved to another row fails to decrypt) is not tested here: the vault exposes no
-decrypt operation yet (only tokenize and the CVC cache), so there is no public way to ask it.
+C4 (ciphertext moved to another row fails to decrypt) is tested with the other tamper cases in
+tests/vault/test_tamper.py, through `Vault.reveal`.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ async def test_pci_3_5_1_vault_rows_hold_only_aes_gcm_ciphertext(store, owner, c
         rows = (
             (await conn.execute(sa.select(vault_cards).where(vault_cards.c.merchant_id == owner.id))).mappings().all()
         )
-    assert set(vault_cards.c.keys()) == {"merchant_id", "token", "key_version", "nonce", "ciphertext", "created"}
+    assert set(vault_cards.c.keys()) == {"merchant_id", "token", "dek_id", "nonce", "ciphertext", "created"}
     assert len(rows) == 3
     assert sorted(len(bytes(row["ciphertext"])) for row in rows) == sorted(
         len(pan) + 16

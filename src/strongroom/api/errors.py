@@ -16,12 +16,14 @@ from starlette.responses import Response
 from starlette.routing import Match
 
 from strongroom.errors import Overloaded, StrongroomError
+from strongroom.redact import redact, redact_value
 
 log = structlog.get_logger(__name__)
 
 
 def error_body(exc: StrongroomError) -> bytes:
-    return orjson.dumps({"error": exc.as_dict()})
+    # The message and param are masked when the error is raised; `extra` may echo input too.
+    return orjson.dumps({"error": redact_value(exc.as_dict())})
 
 
 def error_response(exc: StrongroomError, headers: dict[str, str] | None = None) -> Response:
@@ -39,7 +41,8 @@ def error_response(exc: StrongroomError, headers: dict[str, str] | None = None) 
 def _request_error(
     message: str, status: int, code: str | None = None, headers: Mapping[str, str] | None = None
 ) -> Response:
-    body: dict[str, object] = {"type": "invalid_request_error", "message": message}
+    # The message may quote the URL path or a framework's detail: PCI DSS 3.4.1, mask any PAN.
+    body: dict[str, object] = {"type": "invalid_request_error", "message": redact(message)}
     if code:
         body["code"] = code
     return Response(orjson.dumps({"error": body}), status, headers=headers, media_type="application/json")

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
+import structlog
 from pydantic import BaseModel
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,8 +29,10 @@ from strongroom.idempotency.service import NULL_RECORDER, Claim, Recorder, Repla
 from strongroom.payments.context import PaymentsContext
 from strongroom.settings import Settings
 from strongroom.store.db import Database
+from strongroom.vault.relay import CardRelay
 
 M = TypeVar("M", bound=BaseModel)
+log = structlog.get_logger(__name__)
 Render = Callable[[AsyncConnection, Principal, Any], Awaitable[dict[str, Any]]]
 # A renderer is chosen per request from its parameters (e.g. Stripe's `expand[]`).
 RenderFor = Callable[[Any], Render]
@@ -43,6 +47,8 @@ class Services:
     # The built-in simulated processor (tests and benchmarks count its charges).
     sandbox: SandboxProcessor
     principals: PrincipalCache
+    # The only way card data leaves the vault (closed with the app).
+    relay: CardRelay | None = None
 
 
 def services(request: Request) -> Services:
@@ -181,14 +187,38 @@ async def _run(
             # Refused before it changed anything: a retry with the same key may run again.
             await claim.release(svc.db)
         return error_response(exc)
+    except sa_exc.TimeoutError:
+        return _outcome_unknown(principal)
     if claim is not None and claim.stored:
         # Exactly the bytes a replay will return.
         return json_response(claim.body, claim.status)
-    async with svc.db.tx() as conn:
-        body = orjson.dumps(await render(conn, principal, result))
-        if claim is not None:
-            await claim.store(conn, 200, body)
+    try:
+        async with svc.db.tx() as conn:
+            body = orjson.dumps(await render(conn, principal, result))
+            if claim is not None:
+                await claim.store(conn, 200, body)
+    except sa_exc.TimeoutError:
+        return _outcome_unknown(principal)
     return json_response(body)
+
+
+def _outcome_unknown(principal: Principal) -> Response:
+    """No pooled connection in time once the operation had begun: it may have moved money (the
+    processor may have answered), so "not processed, retry" (503) would be a lie that makes a
+    retry without an Idempotency-Key charge or refund twice. A 500, which the Stripe SDKs retry
+    with the same key; the recovery sweep completes whatever was begun."""
+    log.warning("request.outcome_unknown", merchant_id=principal.merchant_id, reason="database_pool_timeout")
+    body = {
+        "error": {
+            "type": "api_error",
+            "code": "outcome_unknown",
+            "message": (
+                "The request was interrupted after it started and may have been processed. Retry it with the "
+                "same Idempotency-Key to get its outcome; without one, check its result before retrying."
+            ),
+        }
+    }
+    return json_response(orjson.dumps(body), 500)
 
 
 def request_id() -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from strongroom.auth.models import Principal
 from strongroom.errors import IdempotencyConflict, IdempotencyError, InvalidRequest
 from strongroom.idempotency.tables import idempotency_keys as keys
+from strongroom.redact import luhn_valid
 from strongroom.store.db import Database, as_utc, insert_ignore, utcnow
 
 
@@ -104,7 +106,26 @@ def validate_key(key: str, max_length: int) -> str:
             f"Idempotency-Key must be 1 to {max_length} printable ASCII characters.",
             code="idempotency_key_invalid",
         )
+    if _holds_card_number(key):
+        # The key is stored as is and echoed on replays: it must not hold a card number (PCI DSS 3.4.1).
+        raise InvalidRequest(
+            "Idempotency-Key must not contain a card number; use a random value such as a UUID.",
+            code="idempotency_key_invalid",
+        )
     return key
+
+
+_DIGIT_RUN = re.compile(r"(?<![0-9])[0-9]{13,19}(?![0-9])")
+
+
+def _holds_card_number(key: str) -> bool:
+    """A key that is a card number (with or without spaces or dashes), or holds one as an unbroken
+    run of digits. Digit groups joined by dashes inside a longer key are not refused: random keys
+    (UUIDs, the stripe SDK's) consist of such groups by chance."""
+    digits = key.replace(" ", "").replace("-", "")
+    if 13 <= len(digits) <= 19 and digits.isdigit() and luhn_valid(digits):
+        return True
+    return any(luhn_valid(run) for run in _DIGIT_RUN.findall(key))
 
 
 async def claim(

@@ -15,13 +15,13 @@ from strongroom.connectors.routing import Router
 from strongroom.errors import ResourceMissing
 from strongroom.settings import PaymentsSettings
 from strongroom.store.db import Database
-from strongroom.vault.service import Vault
+from strongroom.vault.interface import CardVault
 
 
 @dataclass(frozen=True)
 class PaymentsContext:
     db: Database
-    vault: Vault
+    vault: CardVault
     router: Router
     settings: PaymentsSettings
     lock_timeout_s: float

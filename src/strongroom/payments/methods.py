@@ -17,7 +17,7 @@ from strongroom.events import service as events
 from strongroom.idempotency.service import Recorder
 from strongroom.ids import new_id
 from strongroom.payments import customers as customers_service
-from strongroom.payments import views
+from strongroom.payments import tokens, views
 from strongroom.payments.context import load, owned
 from strongroom.payments.params import (
     Card,
@@ -28,10 +28,11 @@ from strongroom.payments.params import (
 )
 from strongroom.payments.sandbox_aliases import ALIASES
 from strongroom.payments.tables import payment_methods
+from strongroom.payments.tokens import CardFacts
 from strongroom.sensitive import Secret
 from strongroom.store.db import utcnow
 from strongroom.store.paging import Page, PageRequest, fetch_page
-from strongroom.vault.service import Vault
+from strongroom.vault.interface import CardVault
 
 _CARD_DIGITS = range(12, 20)
 
@@ -62,17 +63,48 @@ def validate_card(card: Card, today: dt.date) -> tuple[Secret[str], Secret[str] 
 
 
 async def create(
-    conn: AsyncConnection, vault: Vault, principal: Principal, p: PaymentMethodCreate, rec: Recorder
+    conn: AsyncConnection, vault: CardVault, principal: Principal, p: PaymentMethodCreate, rec: Recorder
 ) -> RowMapping:
-    number, cvc, year = validate_card(p.card, utcnow().date())
-    row = await _store(conn, vault, principal, number, cvc, p.card.exp_month, year, p)
+    if p.card_token is not None:
+        # Stripe's `card[token]=tok_…`: the card was tokenized earlier (POST /v1/tokens); the token is spent here.
+        facts = await tokens.consume(conn, principal, p.card_token)
+        row = await insert_card_method(conn, principal, facts, p)
+    else:
+        card = p.require_card()
+        number, cvc, year = validate_card(card, utcnow().date())
+        row = await _store(conn, vault, principal, number, cvc, card.exp_month, year, p)
     await rec.finish(conn, row)
     return row
 
 
+async def tokenize_card(
+    conn: AsyncConnection,
+    vault: CardVault,
+    merchant_id: str,
+    number: Secret[str],
+    cvc: Secret[str] | None,
+    exp_month: int,
+    exp_year: int,
+) -> CardFacts:
+    """Stores the card in the vault; returns what the payments domain may keep of it."""
+    stored = await vault.tokenize(conn, merchant_id, number, cvc)
+    pan = number.reveal()
+    return CardFacts(
+        brand=detect_brand(pan),
+        # BIN: 8 digits for 16-digit PANs, else 6 (PCI DSS 3.4.1 display limits).
+        bin=pan[:8] if len(pan) == 16 else pan[:6],
+        last4=pan[-4:],
+        exp_month=exp_month,
+        exp_year=exp_year,
+        funding=funding_for(pan),
+        fingerprint=stored.fingerprint,
+        vault_token=stored.token,
+    )
+
+
 async def _store(
     conn: AsyncConnection,
-    vault: Vault,
+    vault: CardVault,
     principal: Principal,
     number: Secret[str],
     cvc: Secret[str] | None,
@@ -80,8 +112,13 @@ async def _store(
     exp_year: int,
     p: PaymentMethodCreate | None,
 ) -> RowMapping:
-    stored = await vault.tokenize(conn, principal.merchant_id, number, cvc)
-    pan = number.reveal()
+    facts = await tokenize_card(conn, vault, principal.merchant_id, number, cvc, exp_month, exp_year)
+    return await insert_card_method(conn, principal, facts, p)
+
+
+async def insert_card_method(
+    conn: AsyncConnection, principal: Principal, facts: CardFacts, p: PaymentMethodCreate | None
+) -> RowMapping:
     pm_id = new_id("payment_method")
     billing: dict[str, Any] = {"name": None, "email": None, "phone": None, "address": None}
     if p is not None and p.billing_details is not None:
@@ -94,15 +131,14 @@ async def _store(
             created=utcnow(),
             type="card",
             customer_id=None,
-            card_brand=detect_brand(pan),
-            # BIN: 8 digits for 16-digit PANs, else 6 (PCI DSS 3.4.1 display limits).
-            card_bin=pan[:8] if len(pan) == 16 else pan[:6],
-            card_last4=pan[-4:],
-            card_exp_month=exp_month,
-            card_exp_year=exp_year,
-            card_funding=funding_for(pan),
-            card_fingerprint=stored.fingerprint,
-            vault_token=stored.token,
+            card_brand=facts.brand,
+            card_bin=facts.bin,
+            card_last4=facts.last4,
+            card_exp_month=facts.exp_month,
+            card_exp_year=facts.exp_year,
+            card_funding=facts.funding,
+            card_fingerprint=facts.fingerprint,
+            vault_token=facts.vault_token,
             billing_details=billing,
             metadata=dict(p.metadata) if p is not None else {},
         )
@@ -111,7 +147,7 @@ async def _store(
 
 
 async def resolve(
-    conn: AsyncConnection, vault: Vault, principal: Principal, pm_id: str, *, param: str = "payment_method"
+    conn: AsyncConnection, vault: CardVault, principal: Principal, pm_id: str, *, param: str = "payment_method"
 ) -> RowMapping:
     """A payment method referenced by another request; Stripe's test aliases work in test mode."""
     if not principal.livemode and pm_id in ALIASES:

@@ -6,11 +6,13 @@ here accept both but never a float where an integer is meant.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
-from strongroom.errors import InvalidRequest
+from strongroom.errors import InvalidRequest, MissingParameter, UnknownParameter
 from strongroom.money import parse_integer
 
 METADATA_KEYS_MAX = 50
@@ -37,6 +39,7 @@ def _metadata(value: object) -> object:
 Integer = Annotated[int, BeforeValidator(_integer)]
 Text = Annotated[str, StringConstraints(max_length=5000)]
 Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$")]
+_ID_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 Email = Annotated[str, StringConstraints(max_length=512)]
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=40)]
 MetadataValue = Annotated[str, StringConstraints(max_length=500)]
@@ -99,10 +102,42 @@ class Card(Params):
 
 class PaymentMethodCreate(Params):
     type: Literal["card"]
-    card: Card
+    # The card's details, or Stripe's `card[token]=tok_…` (a token from POST /v1/tokens), which is
+    # read into `card_token` before validation so each form keeps Stripe's parameter names in errors.
+    card: Card | None = None
+    card_token: SkipJsonSchema[str | None] = None
     billing_details: BillingDetails | None = None
     metadata: Metadata = {}
     expand: Expand = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _card_token(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if "card_token" in data:
+            raise UnknownParameter("card_token")
+        card = data.get("card")
+        if not isinstance(card, dict) or "token" not in card:
+            return data
+        extra = sorted(name for name in card if name != "token")
+        if extra:
+            raise UnknownParameter(f"card[{extra[0]}]")
+        token = card["token"]
+        if not isinstance(token, str) or not _ID_RE.fullmatch(token):
+            raise InvalidRequest("Invalid card[token]: not a token id.", param="card[token]")
+        return {**{k: v for k, v in data.items() if k != "card"}, "card_token": token}
+
+    @model_validator(mode="after")
+    def _card_or_token(self) -> PaymentMethodCreate:
+        if self.card is None and self.card_token is None:
+            raise MissingParameter("card")
+        return self
+
+    def require_card(self) -> Card:
+        if self.card is None:
+            raise MissingParameter("card")
+        return self.card
 
 
 class PaymentMethodUpdate(Params):

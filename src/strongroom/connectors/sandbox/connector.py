@@ -7,18 +7,24 @@ closed set of errors from `connectors.base` itself, so they pass through unchang
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from strongroom.connectors.base import (
     Authorization,
     AuthorizationStatus,
     AuthorizeRequest,
     CaptureRequest,
+    Declined,
     InvalidProcessorRequest,
     ProcessorResult,
+    ProcessorTimeout,
+    ProcessorUnavailable,
     RefundRequest,
     VoidRequest,
 )
+from strongroom.connectors.sandbox.http import AUTHORIZATIONS_PATH
 from strongroom.connectors.sandbox.processor import (
     OperationKind,
     Outcome,
@@ -26,6 +32,7 @@ from strongroom.connectors.sandbox.processor import (
     SandboxProcessor,
     declined_error,
 )
+from strongroom.vault.relay import CardFacts, CardRelay, RelayFailed, RelayRequest
 
 if TYPE_CHECKING:
     from strongroom.connectors.base import Connector
@@ -37,24 +44,72 @@ _STATUS = {
 }
 
 
+# The sandbox's origin as the relay knows it: a local test processor, reached in-process.
+SANDBOX_ORIGIN = "http://sandbox.internal"
+
+# Where the card data goes: the vault fills these in (digits only, so the JSON stays valid).
+_CARD_PLACEHOLDERS = {
+    "number": "{{card.number}}",
+    "cvc": "{{card.cvc}}",
+    "exp_month": "{{card.exp_month}}",
+    "exp_year": "{{card.exp_year}}",
+}
+
+
 class SandboxConnector:
     name = "sandbox"
 
-    def __init__(self, processor: SandboxProcessor) -> None:
+    def __init__(self, processor: SandboxProcessor, relay: CardRelay | None = None, url: str = SANDBOX_ORIGIN) -> None:
         self._processor = processor
+        self._relay = relay
+        # In-process by default; the api's /sandbox mount when the vault runs as its own process.
+        self._authorizations_url = url.rstrip("/") + AUTHORIZATIONS_PATH
 
     async def authorize(self, request: AuthorizeRequest) -> Authorization:
-        operation = await self._processor.authorize(
-            idempotency_key=request.idempotency_key,
-            merchant_id=request.merchant_id,
-            amount_minor=request.amount_minor,
-            currency=request.currency,
-            capture=request.capture,
-            card=request.card,
-            authentication=request.authentication,
-            livemode=request.livemode,
-        )
-        return _authorization(operation)
+        """Through the vault's relay: this connector never sees the card number it sends. (The
+        application always wires the relay; the processor-level tests, which have no vault, call
+        the processor directly and it decides by the CardRef's BIN and last 4.)"""
+        if self._relay is None:
+            return _authorization(
+                await self._processor.authorize(
+                    idempotency_key=request.idempotency_key,
+                    merchant_id=request.merchant_id,
+                    amount_minor=request.amount_minor,
+                    currency=request.currency,
+                    capture=request.capture,
+                    card=request.card,
+                    authentication=request.authentication,
+                    livemode=request.livemode,
+                )
+            )
+        body = {
+            "idempotency_key": request.idempotency_key,
+            "merchant_id": request.merchant_id,
+            "amount_minor": request.amount_minor,
+            "currency": request.currency,
+            "capture": request.capture,
+            "livemode": request.livemode,
+            "authentication": request.authentication.value if request.authentication else None,
+            "card": {"token": request.card.token, **_CARD_PLACEHOLDERS},
+        }
+        try:
+            response = await self._relay.send(
+                actor=f"connector:{self.name}",
+                merchant_id=request.merchant_id,
+                token=request.card.token,
+                card=CardFacts(request.card.exp_month, request.card.exp_year),
+                request=RelayRequest(
+                    "POST",
+                    self._authorizations_url,
+                    orjson.dumps(body).decode(),
+                    {"content-type": "application/json"},
+                ),
+            )
+        except RelayFailed as exc:
+            if exc.timed_out:
+                raise ProcessorTimeout(str(exc), raw_code="timeout") from exc
+            raise ProcessorUnavailable(str(exc), raw_code="connection_error") from exc
+        return _answer(response.status_code, orjson.loads(response.body))
 
     async def capture(self, request: CaptureRequest) -> ProcessorResult:
         operation = await self._processor.capture(
@@ -92,18 +147,46 @@ class SandboxConnector:
         return _authorization(operation)
 
 
+def _answer(status_code: int, payload: dict[str, Any]) -> Authorization:
+    if status_code == 200:
+        return _authorization_from(
+            Outcome(payload["outcome"]),
+            payload["processor_ref"],
+            payload["charge_ref"],
+            payload["amount_minor"],
+            payload["currency"],
+        )
+    error = payload.get("error", {})
+    message, raw_code = str(error.get("message", "The sandbox processor refused.")), error.get("raw_code")
+    if status_code == 402:
+        raise Declined(str(error.get("decline_code") or "generic_decline"), message, raw_code=raw_code)
+    if status_code == 504:
+        raise ProcessorTimeout(message, raw_code=raw_code)
+    if status_code == 400:
+        raise InvalidProcessorRequest(message, raw_code=raw_code)
+    raise ProcessorUnavailable(message, raw_code=raw_code)
+
+
 def _authorization(operation: SandboxOperation) -> Authorization:
-    status = _STATUS[operation.outcome]
+    return _authorization_from(
+        operation.outcome, operation.processor_ref, operation.charge_ref, operation.amount_minor, operation.currency
+    )
+
+
+def _authorization_from(
+    outcome: Outcome, processor_ref: str, charge_ref: str, amount_minor: int, currency: str
+) -> Authorization:
+    status = _STATUS[outcome]
     return Authorization(
         status=status,
-        processor_ref=operation.processor_ref,
-        amount_minor=operation.amount_minor,
-        currency=operation.currency,
+        processor_ref=processor_ref,
+        amount_minor=amount_minor,
+        currency=currency,
         # Stripe's charge.outcome.network_status: a payment awaiting 3-D Secure has not been sent.
         network_status=(
             "not_sent_to_network" if status is AuthorizationStatus.REQUIRES_ACTION else "approved_by_network"
         ),
-        raw={"outcome": operation.outcome.value, "charge_ref": operation.charge_ref},
+        raw={"outcome": outcome.value, "charge_ref": charge_ref},
     )
 
 

@@ -1,0 +1,242 @@
+"""The relay: how a card number reaches a processor without leaving the vault's hands.
+
+A connector never holds a PAN. It builds its card-bearing request with placeholders —
+`{{card.number}}`, `{{card.cvc}}`, `{{card.exp_month}}`, `{{card.exp_year}}` — and hands it to
+`Relay.send` with the card's token. The vault then, and only then:
+
+1. checks the destination against the allowlist (exact scheme, host and port; HTTPS only, except
+   origins explicitly configured as local test processors, such as the in-process sandbox),
+2. opens the card (`Vault.reveal`) and takes the CVC out of its in-memory cache (it is gone
+   afterwards: PCI DSS 3.3.1.2),
+3. fills the placeholders in the body and headers and sends the request itself,
+4. redacts any card data in the processor's answer before returning it (the PAN and anything that
+   looks like one, and the CVC),
+5. audits the use (SECURITY.md T2 / P18, P19): actor, merchant, token, destination, method, path,
+   outcome (sent, refused, not_found, timeout, error), status, UTC time — never the card data.
+
+A refused destination raises `RelayRefused` and is audited too; the request is never built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+import structlog
+
+from strongroom.errors import ResourceMissing, StrongroomError
+from strongroom.ids import random_part
+from strongroom.redact import redact
+from strongroom.sensitive import Secret
+from strongroom.store.db import Database, utcnow
+from strongroom.vault.relay_tables import vault_relay_audit
+from strongroom.vault.service import Vault
+
+log = structlog.get_logger(__name__)
+
+_PLACEHOLDER = re.compile(r"\{\{\s*card\.(number|cvc|exp_month|exp_year)\s*\}\}")
+_INSERT_AUDIT = vault_relay_audit.insert()
+
+
+class RelayRefused(StrongroomError):
+    """The destination is not on the relay allowlist (or not TLS): nothing was sent."""
+
+    http_status = 403
+    type = "invalid_request_error"
+    default_code = "relay_destination_refused"
+
+
+class RelayFailed(Exception):
+    """The request was sent (or attempted) but no answer came back; `timed_out` tells which."""
+
+    def __init__(self, message: str, *, timed_out: bool) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What the caller already knows about the card and may have filled in: non-sensitive."""
+
+    exp_month: int
+    exp_year: int
+
+
+@dataclass(frozen=True)
+class RelayRequest:
+    method: str
+    url: str
+    body: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RelayResponse:
+    status_code: int
+    body: str  # card data redacted
+    headers: Mapping[str, str]
+
+
+class CardRelay(Protocol):
+    """What a connector needs of the relay: `Relay` in-process, `RemoteRelay` across the
+    channel to a vault running as its own process."""
+
+    async def send(
+        self, *, actor: str, merchant_id: str, token: str, card: CardFacts, request: RelayRequest
+    ) -> RelayResponse:
+        """Fill the card placeholders, send to an allowlisted processor, return the redacted answer."""
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+
+def origin_of(url: str) -> str:
+    """`https://api.example.com/v1/x` → `https://api.example.com:443` (explicit port)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        raise RelayRefused("Relay destinations cannot carry credentials in the URL.")
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise RelayRefused("Relay destinations must be absolute http(s) URLs.")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{parts.hostname.lower()}:{port}"
+
+
+class Allowlist:
+    def __init__(self, https_origins: Sequence[str], local_test_origins: Sequence[str] = ()) -> None:
+        self._allowed = {origin_of(o) for o in https_origins}
+        if any(not o.startswith("https://") for o in self._allowed):
+            raise ValueError("relay_allowlist takes https:// origins only; plain HTTP is for local test processors")
+        self._allowed |= {origin_of(o) for o in local_test_origins}
+
+    def check(self, url: str) -> str:
+        origin = origin_of(url)
+        if origin not in self._allowed:
+            raise RelayRefused(f"The relay does not send card data to {origin}: it is not on the allowlist.")
+        return origin
+
+
+class Relay:
+    def __init__(
+        self,
+        vault: Vault,
+        db: Database,
+        allowlist: Allowlist,
+        *,
+        timeout_s: float,
+        transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    ) -> None:
+        self._vault = vault
+        self._db = db
+        self._allowlist = allowlist
+        self._timeout = httpx.Timeout(timeout_s)
+        self._timeout_s = timeout_s
+        # Local test processors reached in-process (no network); everything else over TLS.
+        self._clients = {
+            origin_of(o): httpx.AsyncClient(transport=t, timeout=self._timeout) for o, t in (transports or {}).items()
+        }
+        self._network = httpx.AsyncClient(timeout=self._timeout, verify=True, follow_redirects=False)
+        # httpx logs every request at INFO: one line per payment, and the URL is all it would add
+        # to the audit trail.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    async def aclose(self) -> None:
+        for client in [*self._clients.values(), self._network]:
+            await client.aclose()
+
+    async def send(
+        self, *, actor: str, merchant_id: str, token: str, card: CardFacts, request: RelayRequest
+    ) -> RelayResponse:
+        path = urllib.parse.urlsplit(request.url).path[:200]
+        try:
+            origin = self._allowlist.check(request.url)
+        except RelayRefused:
+            await self._audit(actor, merchant_id, token, request.url[:200], request.method, path, "refused", None)
+            log.warning("vault.relay_refused", actor=actor, merchant_id=merchant_id, destination=request.url[:200])
+            raise
+        try:
+            async with self._db.read() as conn:
+                pan = await self._vault.reveal(conn, merchant_id, token)
+        except ResourceMissing:
+            await self._audit(actor, merchant_id, token, origin, request.method, path, "not_found", None)
+            raise
+        cvc = self._vault.cvcs.take(merchant_id, token)
+        values = {
+            "number": pan,
+            "cvc": cvc or Secret(""),
+            "exp_month": Secret(str(card.exp_month)),
+            "exp_year": Secret(str(card.exp_year)),
+        }
+        client = self._clients.get(origin, self._network)
+        try:
+            # One deadline for the whole exchange (httpx's timeouts are per phase, and an
+            # in-process transport has none).
+            async with asyncio.timeout(self._timeout_s):
+                response = await client.request(
+                    request.method,
+                    request.url,
+                    content=_fill(request.body, values).encode(),
+                    headers={name: _fill(value, values) for name, value in request.headers.items()},
+                )
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            await self._audit(actor, merchant_id, token, origin, request.method, path, "timeout", None)
+            raise RelayFailed(f"no answer from {origin}", timed_out=True) from exc
+        except httpx.HTTPError as exc:
+            await self._audit(actor, merchant_id, token, origin, request.method, path, "error", None)
+            raise RelayFailed(f"{type(exc).__name__} talking to {origin}", timed_out=False) from exc
+        await self._audit(actor, merchant_id, token, origin, request.method, path, "sent", response.status_code)
+        secrets_ = [s.reveal() for s in (pan, cvc) if s is not None and s.reveal()]
+        return RelayResponse(
+            status_code=response.status_code,
+            body=_scrub(response.text, secrets_),
+            headers={name: _scrub(value, secrets_) for name, value in response.headers.items()},
+        )
+
+    async def _audit(
+        self,
+        actor: str,
+        merchant_id: str,
+        token: str,
+        destination: str,
+        method: str,
+        path: str,
+        outcome: str,
+        status_code: int | None,
+    ) -> None:
+        async with self._db.tx() as conn:
+            await conn.execute(
+                _INSERT_AUDIT,
+                {
+                    "merchant_id": merchant_id,
+                    "id": "rly_" + random_part(),
+                    "created": utcnow(),
+                    "actor": actor,
+                    "token": token,
+                    "destination": destination,
+                    "method": method.upper()[:10],
+                    "path": path,
+                    "outcome": outcome,
+                    "status_code": status_code,
+                },
+            )
+
+
+def _fill(template: str, values: Mapping[str, Secret[str]]) -> str:
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)].reveal(), template)
+
+
+def _scrub(text: str, secrets_: Sequence[str]) -> str:
+    """The processor's answer without card data: the exact PAN, the CVC where it stands as a
+    quoted value (an echoed field; a bare number may be an amount), then anything else that looks
+    like a PAN."""
+    for value in secrets_:
+        if len(value) >= 12:
+            text = text.replace(value, redact(value))
+        else:  # a quoted value, also inside an escaped JSON string (a body echoed in a body)
+            text = re.sub(rf'(?<="){re.escape(value)}(?=\\?")', "***", text)
+    return redact(text)
