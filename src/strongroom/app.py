@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -101,7 +102,9 @@ def _vault_and_relay(settings: Settings, db: Database, sandbox: SandboxProcessor
         if settings.vault.service_secret is None:
             raise RuntimeError("STRONGROOM_VAULT__URL needs STRONGROOM_VAULT__SERVICE_SECRET")
         secret = Secret(settings.vault.service_secret.get_secret_value().encode())
-        remote = RemoteVault(settings.vault.url, secret, timeout_s=settings.payments.processor_timeout_s)
+        ca = settings.vault.tls_ca_file
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca else True
+        remote = RemoteVault(settings.vault.url, secret, timeout_s=settings.payments.processor_timeout_s, verify=verify)
         return remote, RemoteRelay(remote)
     cvcs = CvcCache(settings.vault.cvc_ttl_s, settings.vault.cvc_cache_max)
     vault = Vault(db, open_keystore(settings), cvcs, settings.vault)

@@ -110,8 +110,6 @@ def serve(
     With --tls-cert and --tls-key it speaks TLS only: 1.3 unless http.tls_min_version is "1.2"."""
     import os
 
-    import uvicorn
-
     settings = _settings(data_dir)
     try:
         http = settings.http
@@ -130,8 +128,16 @@ def serve(
     os.environ["STRONGROOM_DATA_DIR"] = str(settings.data_dir.resolve())
     os.environ["STRONGROOM_PUBLIC_URL"] = f"{scheme}://{host}:{port}"
     typer.echo(f"Strongroom listening on {scheme}://{host}:{port}")
+    _run_server("strongroom.app:app_from_environment", host, port, workers, settings, policy)
+
+
+def _run_server(
+    factory: str, host: str, port: int, workers: int, settings: Settings, policy: tls.TlsPolicy | None
+) -> None:
+    import uvicorn
+
     uvicorn.run(
-        "strongroom.app:app_from_environment",
+        factory,
         factory=True,
         host=host,
         port=port,
@@ -279,8 +285,6 @@ def vault_serve(
     keeps its cards in STRONGROOM_VAULT__DATABASE_URL (its own database and credentials)."""
     import os
 
-    import uvicorn
-
     settings = _settings(data_dir)
     if settings.vault.service_secret is None or len(settings.vault.service_secret.get_secret_value()) < 32:
         typer.echo("error: STRONGROOM_VAULT__SERVICE_SECRET must be set (at least 32 bytes)", err=True)
@@ -295,18 +299,8 @@ def vault_serve(
     os.environ["STRONGROOM_DATA_DIR"] = str(settings.data_dir.resolve())
     scheme = "https" if policy is not None else "http"
     typer.echo(f"Strongroom vault listening on {scheme}://{host}:{port}")
-    uvicorn.run(
-        "strongroom.api.vault_service:vault_app_from_environment",
-        factory=True,
-        host=host,
-        port=port,
-        workers=1,  # one process: the channel's replay cache and the CVC cache live in it
-        log_level=settings.log_level,
-        log_config=redact.with_redaction(uvicorn.config.LOGGING_CONFIG),
-        access_log=False,
-        server_header=False,
-        ssl_context_factory=tls.uvicorn_factory(policy) if policy is not None else None,
-    )
+    # One process: the channel's replay cache and the CVC cache live in it.
+    _run_server("strongroom.api.vault_service:vault_app_from_environment", host, port, 1, settings, policy)
 
 
 def main() -> None:

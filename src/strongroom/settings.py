@@ -102,6 +102,9 @@ class VaultSettings(BaseModel):
     service_secret: SecretStr | None = None
     # On the vault service: its own database (own credentials); unset = the main database.
     database_url: str | None = None
+    # On the api: the CA that signed the vault service's TLS certificate (a private CA); unset =
+    # the system's trust store. With the signed service token, both ends are authenticated.
+    tls_ca_file: Path | None = None
     # CVCs live in memory only, until the first authorization, and at most this long.
     cvc_ttl_s: float = Field(default=600.0, gt=0, le=600)
     cvc_cache_max: int = Field(default=100_000, ge=1)

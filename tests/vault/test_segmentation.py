@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import sqlite3
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ import orjson
 import pytest
 from tests.e2e.conftest import _cli, _create_merchant, _environment, _free_port, _stop, _tail, _wait_healthy
 
+from strongroom import tls
 from strongroom.sensitive import Secret
 from strongroom.vault import channel
 from strongroom.vault.remote import CARDS_PATH
@@ -39,6 +42,7 @@ class Deployment:
     api_db: Path
     vault_db: Path
     log: Path
+    vault_tls: ssl.SSLContext
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -66,20 +70,51 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     }
     vault_dir.mkdir()
     api_dir.mkdir()
+    # The vault listens with TLS only; the api trusts exactly its certificate (a private CA).
+    cert = tls.write_dev_certificate(vault_dir / "tls", ())
+    api_env["STRONGROOM_VAULT__URL"] = f"https://127.0.0.1:{vault_port}"
+    api_env["STRONGROOM_VAULT__TLS_CA_FILE"] = str(cert.cert_file)
     _, secret_key = _create_merchant(api_env, log, api_dir, "Segmented shop")
+    vault_args = ["vault", "serve", "--port", str(vault_port), "--data-dir", str(vault_dir)]
+    vault_args += ["--tls-cert", str(cert.cert_file), "--tls-key", str(cert.key_file)]
     procs = [
-        _start(["vault", "serve", "--port", str(vault_port), "--data-dir", str(vault_dir)], vault_env, log),
+        _start(
+            vault_args,
+            vault_env,
+            log,
+        ),
         _start(["serve", "--port", str(api_port), "--data-dir", str(api_dir)], api_env, log),
     ]
     try:
-        _wait_healthy(procs[0], f"http://127.0.0.1:{vault_port}", log)
+        _wait_tls_healthy(procs[0], f"https://127.0.0.1:{vault_port}", cert.cert_file, log)
         _wait_healthy(procs[1], f"http://127.0.0.1:{api_port}", log)
         yield Deployment(
-            f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{vault_port}", secret, secret_key, api_db, vault_db, log
+            f"http://127.0.0.1:{api_port}",
+            f"https://127.0.0.1:{vault_port}",
+            secret,
+            secret_key,
+            api_db,
+            vault_db,
+            log,
+            ssl.create_default_context(cafile=str(cert.cert_file)),
         )
     finally:
         for proc in procs:
             _stop(proc)
+
+
+def _wait_tls_healthy(proc: subprocess.Popen[bytes], url: str, ca: Path, log: Path) -> None:
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vault exited with {proc.returncode}:\n{_tail(log, 40)}")
+        try:
+            if httpx.get(f"{url}/healthz", verify=context, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"vault not healthy:\n{_tail(log, 40)}")
 
 
 def _count(db: Path, table: str) -> int:
@@ -136,23 +171,57 @@ def test_the_vault_accepts_only_signed_fresh_requests_for_their_own_path(deploym
     body = orjson.dumps({"merchant_id": "acct_test", "number": VISA, "cvc": None})
     json_type = {"content-type": "application/json"}
 
-    assert httpx.post(url, content=body, headers=json_type).status_code == 401
+    assert httpx.post(url, content=body, headers=json_type, verify=deployment.vault_tls).status_code == 401
     wrong = _signed(deployment, body, secret=secrets.token_urlsafe(48))
-    assert httpx.post(url, content=body, headers=json_type | {channel.HEADER: wrong}).status_code == 401
+    assert (
+        httpx.post(
+            url, content=body, headers=json_type | {channel.HEADER: wrong}, verify=deployment.vault_tls
+        ).status_code
+        == 401
+    )
     elsewhere = _signed(deployment, body, path="/internal/v1/relay")
-    assert httpx.post(url, content=body, headers=json_type | {channel.HEADER: elsewhere}).status_code == 401
+    assert (
+        httpx.post(
+            url, content=body, headers=json_type | {channel.HEADER: elsewhere}, verify=deployment.vault_tls
+        ).status_code
+        == 401
+    )
     stale = channel.sign(Secret(deployment.secret.encode()), "POST", CARDS_PATH, body, now=time.time() - 600)
-    assert httpx.post(url, content=body, headers=json_type | {channel.HEADER: stale}).status_code == 401
+    assert (
+        httpx.post(
+            url, content=body, headers=json_type | {channel.HEADER: stale}, verify=deployment.vault_tls
+        ).status_code
+        == 401
+    )
     tampered = _signed(deployment, body)
     altered = body.replace(b"acct_test", b"acct_evil")
-    assert httpx.post(url, content=altered, headers=json_type | {channel.HEADER: tampered}).status_code == 401
+    assert (
+        httpx.post(
+            url, content=altered, headers=json_type | {channel.HEADER: tampered}, verify=deployment.vault_tls
+        ).status_code
+        == 401
+    )
 
     good = _signed(deployment, body)
-    first = httpx.post(url, content=body, headers=json_type | {channel.HEADER: good})
+    first = httpx.post(url, content=body, headers=json_type | {channel.HEADER: good}, verify=deployment.vault_tls)
     assert first.status_code == 200, first.text
     assert first.json()["token"].startswith("card_") and VISA not in first.text
-    replay = httpx.post(url, content=body, headers=json_type | {channel.HEADER: good})
+    replay = httpx.post(url, content=body, headers=json_type | {channel.HEADER: good}, verify=deployment.vault_tls)
     assert replay.status_code == 401
+
+
+def test_p8_the_vault_listener_speaks_tls_13_only(deployment):
+    host, port = "127.0.0.1", int(deployment.vault_url.rsplit(":", 1)[1])
+    old = ssl.create_default_context(cafile=None)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection((host, port), timeout=5) as raw, pytest.raises(ssl.SSLError):
+        old.wrap_socket(raw, server_hostname=host)
+    with (
+        socket.create_connection((host, port), timeout=5) as raw,
+        deployment.vault_tls.wrap_socket(raw, server_hostname=host) as tls_socket,
+    ):
+        assert tls_socket.version() == "TLSv1.3"
 
 
 def test_the_channel_refuses_a_short_secret():

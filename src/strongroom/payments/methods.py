@@ -28,7 +28,7 @@ from strongroom.payments.params import (
 )
 from strongroom.payments.sandbox_aliases import ALIASES
 from strongroom.payments.tables import payment_methods
-from strongroom.payments.tokens import CardFacts
+from strongroom.payments.tokens import CardFacts, card_columns
 from strongroom.sensitive import Secret
 from strongroom.store.db import utcnow
 from strongroom.store.paging import Page, PageRequest, fetch_page
@@ -131,14 +131,7 @@ async def insert_card_method(
             created=utcnow(),
             type="card",
             customer_id=None,
-            card_brand=facts.brand,
-            card_bin=facts.bin,
-            card_last4=facts.last4,
-            card_exp_month=facts.exp_month,
-            card_exp_year=facts.exp_year,
-            card_funding=facts.funding,
-            card_fingerprint=facts.fingerprint,
-            vault_token=facts.vault_token,
+            **card_columns(facts),
             billing_details=billing,
             metadata=dict(p.metadata) if p is not None else {},
         )

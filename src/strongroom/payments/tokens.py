@@ -76,6 +76,20 @@ class CardFacts:
     vault_token: str
 
 
+def card_columns(facts: CardFacts) -> dict[str, Any]:
+    """The stored card facts, as the payment-method and token tables both name them."""
+    return {
+        "card_brand": facts.brand,
+        "card_bin": facts.bin,
+        "card_last4": facts.last4,
+        "card_exp_month": facts.exp_month,
+        "card_exp_year": facts.exp_year,
+        "card_funding": facts.funding,
+        "card_fingerprint": facts.fingerprint,
+        "vault_token": facts.vault_token,
+    }
+
+
 async def create(conn: AsyncConnection, principal: Principal, facts: CardFacts, client_ip: str | None) -> RowMapping:
     token_id = TOKEN_PREFIX + random_part()
     await conn.execute(
@@ -86,14 +100,7 @@ async def create(conn: AsyncConnection, principal: Principal, facts: CardFacts, 
             created=utcnow(),
             used=False,
             client_ip=client_ip,
-            card_brand=facts.brand,
-            card_bin=facts.bin,
-            card_last4=facts.last4,
-            card_exp_month=facts.exp_month,
-            card_exp_year=facts.exp_year,
-            card_funding=facts.funding,
-            card_fingerprint=facts.fingerprint,
-            vault_token=facts.vault_token,
+            **card_columns(facts),
         )
     )
     return await retrieve(conn, principal, token_id)

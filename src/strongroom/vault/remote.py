@@ -18,7 +18,7 @@ import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from strongroom.errors import InvalidRequest, ResourceMissing
+from strongroom.errors import InvalidRequest, ResourceMissing, StrongroomError
 from strongroom.sensitive import Secret
 from strongroom.vault import channel
 from strongroom.vault.relay import CardFacts, RelayFailed, RelayRefused, RelayRequest, RelayResponse
@@ -29,8 +29,13 @@ DISCARD_CVC_PATH = "/internal/v1/cards/discard_cvc"
 RELAY_PATH = "/internal/v1/relay"
 
 
-class VaultUnavailable(Exception):
-    """The vault service did not answer, or answered in a way the api cannot use."""
+class VaultUnavailable(StrongroomError):
+    """The vault service did not answer, or answered in a way the api cannot use (nothing the api
+    stores refers to whatever the vault may have done)."""
+
+    http_status = 503
+    type = "api_error"
+    default_code = "vault_unavailable"
 
 
 class _Channel:
