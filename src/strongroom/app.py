@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import httpx
 import sqlalchemy as sa
 import structlog
 from fastapi import FastAPI
@@ -114,7 +113,7 @@ def _vault_and_relay(settings: Settings, db: Database, sandbox: SandboxProcessor
         db,
         Allowlist(settings.vault.relay_allowlist, local_test_origins=[SANDBOX_ORIGIN]),
         timeout_s=settings.payments.processor_timeout_s,
-        transports={SANDBOX_ORIGIN: httpx.ASGITransport(app=SandboxHttp(sandbox))},
+        local_apps={SANDBOX_ORIGIN: SandboxHttp(sandbox)},
     )
     return vault, relay
 

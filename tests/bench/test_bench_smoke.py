@@ -24,6 +24,7 @@ def test_benchmark_smoke_run_charges_exactly_once_per_succeeded_payment(database
     assert result["succeeded"] > 0
     assert result["errors"] == {}
     assert result["double_charges"] == 0
+    assert result["trial_balance_problems"] == 0 and result["ledger_captures"] == result["succeeded_payments"]
     assert result["processor_charges"] == result["succeeded_payments"]
     report.plot(samples, tmp_path / "plot.png", "smoke")
     assert (tmp_path / "plot.png").stat().st_size > 1000
@@ -52,6 +53,7 @@ def test_surge_smoke_sheds_or_serves_everything_and_charges_once(database_url: s
     assert surge["accepted"] + surge["shed"] + surge["not_sent_generator_limit"] == surge["requests"]
     assert result["after"]["succeeded"] > 0
     assert result["double_charges"] == 0
+    assert result["trial_balance_problems"] == 0 and result["ledger_captures"] == result["succeeded_payments"]
     assert result["processor_charges"] == result["succeeded_payments"]
 
 
@@ -71,5 +73,6 @@ def test_wrk_generator_smoke_run_charges_exactly_once(database_url: str, tmp_pat
     assert result["succeeded"] > 0
     assert result["errors"] == {}
     assert result["double_charges"] == 0
+    assert result["trial_balance_problems"] == 0 and result["ledger_captures"] == result["succeeded_payments"]
     # warm-up and measured payments all reached the processor exactly once
     assert result["processor_charges"] == result["succeeded_payments"] >= result["succeeded"]

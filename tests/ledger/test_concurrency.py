@@ -241,9 +241,13 @@ async def test_i5_i1_100_refunds_each_sent_twice_with_its_idempotency_key_post_o
     for data, key in requests:
         pair = by_key[key]
         results = {outcome(r) for r in pair}
-        assert len(results) == 1, (key, results)  # both copies of a request got the same answer
-        (result,) = results
-        assert result in {"200", *REFUND_REFUSALS}, result
+        if "200" in results:
+            assert results == {"200"}, (key, results)  # one ran, the other replays it
+        else:
+            # A refusal changed nothing and is not stored: the other copy was judged again, maybe
+            # later (amount_too_large then, charge_already_refunded once the charge was used up).
+            assert results <= REFUND_REFUSALS, (key, results)
+        result = "200" if "200" in results else min(results)
         final.append((data["amount"], result))
         if result == "200":
             assert pair[0].content == pair[1].content  # the one execution, and its replay

@@ -5,6 +5,7 @@ the answer comes back without card data, and every use is audited without card d
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -61,7 +62,7 @@ def _relay(services: Any, processor: EchoProcessor, *, timeout_s: float = 5.0) -
         services.db,
         Allowlist([PROCESSOR]),
         timeout_s=timeout_s,
-        transports={PROCESSOR: httpx.ASGITransport(app=processor)},
+        local_apps={PROCESSOR: processor},
     )
 
 
@@ -210,3 +211,21 @@ async def test_t2_every_payment_reaches_the_sandbox_through_the_relay(api, servi
     # The CVC did not outlive the authorization.
     token = rows[1]["token"]
     assert services.payments.vault.cvcs.take(merchant.id, token) is None
+
+
+async def test_t1_tokens_are_random_and_carry_nothing_of_the_pan(api, services, merchant):
+    first = await card_payment_method(api, number=AMEX, cvc=AMEX_CVC)
+    second = await card_payment_method(api, number=AMEX, cvc=AMEX_CVC)
+    async with services.db.read() as conn:
+        query = sa.select(payment_methods.c.vault_token).where(
+            payment_methods.c.merchant_id == merchant.id, payment_methods.c.id.in_([first["id"], second["id"]])
+        )
+        vault_tokens = [row[0] for row in await conn.execute(query)]
+    ids = [first["id"], second["id"], *vault_tokens]
+    assert len(set(ids)) == 4  # the same card twice: unrelated tokens, no format-preserving link
+    assert first["card"]["fingerprint"] == second["card"]["fingerprint"]  # the keyed fingerprint links them
+    for token in ids:
+        digits = "".join(re.findall(r"[0-9]+", token))
+        # Nothing beyond BIN and last 4 (which the API shows anyway) can be read out of a token.
+        assert AMEX[6:11] not in digits and AMEX not in digits
+        assert len(token) >= 24

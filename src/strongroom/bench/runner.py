@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from strongroom.bench import load, report, wrk
+from strongroom.ledger import service as ledger_service
 from strongroom.payments.sandbox_aliases import ALIASES
 
 _CLI = [sys.executable, "-c", "from strongroom.cli import main; main()"]
@@ -179,12 +180,30 @@ async def _correctness(url: str, merchant_id: str) -> dict[str, int]:
             ),
             {"m": merchant_id},
         )
+        # Issue 5 in every run: the trial balance holds, and the ledger's captures are exactly the
+        # succeeded payments (one capture posting each).
+        trial = await ledger_service.check(conn, merchant_id=merchant_id)
+        captures = await conn.scalar(
+            sa.text("SELECT count(*) FROM ledger_transactions WHERE merchant_id = :m AND kind = 'capture'"),
+            {"m": merchant_id},
+        )
     await engine.dispose()
     return {
         "succeeded_payments": int(succeeded or 0),
         "processor_charges": int(charged or 0),
         "double_charges": int(doubled or 0),
+        "ledger_captures": int(captures or 0),
+        "trial_balance_problems": len(trial.problems),
     }
+
+
+def _matches(checks: dict[str, int]) -> bool:
+    """Processor charges == succeeded payments == ledger captures, and the trial balance holds."""
+    succeeded = checks.get("succeeded_payments")
+    return (
+        succeeded == checks.get("processor_charges") == checks.get("ledger_captures")
+        and checks.get("trial_balance_problems") == 0
+    )
 
 
 @dataclass(frozen=True)
@@ -246,7 +265,7 @@ def _run_wrk(config: BenchConfig) -> dict[str, Any]:
         figures = wrk.run(prep.base_url, key, prep.methods, config.clients, config.duration_s, secrets.token_hex(6))
     checks = prep.checks or {}
     result = {**wrk.summarize(figures), **checks}
-    result["processor_matches_ledger"] = checks.get("succeeded_payments") == checks.get("processor_charges")
+    result["processor_matches_ledger"] = _matches(checks)
     result["config"] = {"clients": config.clients, "workers": config.workers, "duration_s": config.duration_s}
     result["_samples"] = []
     return result
@@ -265,7 +284,7 @@ def run_phases(config: BenchConfig, phases: list[Phase]) -> dict[str, Any]:
     checks = prep.checks or {}
     return {
         **checks,
-        "processor_matches_ledger": checks.get("succeeded_payments") == checks.get("processor_charges"),
+        "processor_matches_ledger": _matches(checks),
         "_phases": results,
     }
 

@@ -59,6 +59,20 @@ class Replay:
     body: bytes
 
 
+# Built once (every idempotent POST runs them): parameters by name, values bound at execution.
+_BY_KEY = sa.and_(
+    keys.c.merchant_id == sa.bindparam("w_merchant"),
+    keys.c.livemode == sa.bindparam("w_livemode"),
+    keys.c.key == sa.bindparam("w_key"),
+)
+_CHECKPOINT = keys.update().where(_BY_KEY).values(resource_id=sa.bindparam("w_resource"))
+_STORE = (
+    keys.update()
+    .where(_BY_KEY)
+    .values(response_status=sa.bindparam("w_status"), response_body=sa.bindparam("w_body"), locked_at=None)
+)
+
+
 @dataclass
 class Claim:
     """This request holds the key."""
@@ -79,14 +93,15 @@ class Claim:
             keys.c.key == self.key,
         )
 
+    def _key(self) -> dict[str, Any]:
+        return {"w_merchant": self.merchant_id, "w_livemode": self.livemode, "w_key": self.key}
+
     async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None:
-        await conn.execute(keys.update().where(self._where()).values(resource_id=resource_id))
+        await conn.execute(_CHECKPOINT, self._key() | {"w_resource": resource_id})
         self.resume_id = resource_id
 
     async def store(self, conn: AsyncConnection, status: int, body: bytes) -> None:
-        await conn.execute(
-            keys.update().where(self._where()).values(response_status=status, response_body=body, locked_at=None)
-        )
+        await conn.execute(_STORE, self._key() | {"w_status": status, "w_body": body})
         self.stored, self.status, self.body = True, status, body
 
     async def release(self, db: Database) -> None:
@@ -144,16 +159,17 @@ async def claim(
     fresh = Claim(principal.merchant_id, principal.livemode, key, resume_id=None, recovered=False)
     async with db.tx() as conn:
         inserted = await conn.execute(
-            insert_ignore(conn, keys).values(
-                merchant_id=principal.merchant_id,
-                livemode=principal.livemode,
-                key=key,
-                fingerprint=fp,
-                method=method,
-                path=path,
-                created=now,
-                locked_at=now,
-            )
+            insert_ignore(conn, keys),
+            {
+                "merchant_id": principal.merchant_id,
+                "livemode": principal.livemode,
+                "key": key,
+                "fingerprint": fp,
+                "method": method,
+                "path": path,
+                "created": now,
+                "locked_at": now,
+            },
         )
         if inserted.rowcount == 1:
             return fresh

@@ -67,6 +67,21 @@ class Database:
         async with self.engine.connect() as conn:
             yield conn
 
+    @asynccontextmanager
+    async def single(self) -> AsyncIterator[AsyncConnection]:
+        """For ONE statement that needs no transaction around it (a lookup by key, an append-only
+        insert): autocommit, so it costs one round trip instead of BEGIN, statement, COMMIT. Each
+        statement commits (durably) on its own: never use it for two that must commit together."""
+        if self.is_sqlite:
+            # pysqlite's AUTOCOMMIT hands pooled connections back with its own implicit
+            # transactions re-enabled; SQLite runs the statement in a short transaction instead.
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self.engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+
     async def dispose(self) -> None:
         await self.engine.dispose()
 
@@ -92,15 +107,25 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+_INSERT_IGNORE: dict[tuple[str, str], Any] = {}
+
+
 def insert_ignore(conn: AsyncConnection, table: sa.Table) -> Any:
-    """INSERT … ON CONFLICT DO NOTHING for the connection's dialect."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
+    """INSERT … ON CONFLICT DO NOTHING for the connection's dialect, built once per table (it is on
+    the payment path): execute it with the row as parameters, `conn.execute(stmt, row)`."""
+    key = (conn.dialect.name, table.name)
+    statement = _INSERT_IGNORE.get(key)
+    if statement is None:
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        return pg_insert(table).on_conflict_do_nothing()
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+            statement = pg_insert(table).on_conflict_do_nothing()
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-    return sqlite_insert(table).on_conflict_do_nothing()
+            statement = sqlite_insert(table).on_conflict_do_nothing()
+        _INSERT_IGNORE[key] = statement
+    return statement
 
 
 def epoch_s(value: dt.datetime | None) -> int | None:

@@ -23,9 +23,9 @@ import asyncio
 import logging
 import re
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 import structlog
@@ -129,25 +129,21 @@ class Relay:
         allowlist: Allowlist,
         *,
         timeout_s: float,
-        transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+        local_apps: Mapping[str, AsgiApp] | None = None,
     ) -> None:
         self._vault = vault
         self._db = db
         self._allowlist = allowlist
-        self._timeout = httpx.Timeout(timeout_s)
         self._timeout_s = timeout_s
-        # Local test processors reached in-process (no network); everything else over TLS.
-        self._clients = {
-            origin_of(o): httpx.AsyncClient(transport=t, timeout=self._timeout) for o, t in (transports or {}).items()
-        }
-        self._network = httpx.AsyncClient(timeout=self._timeout, verify=True, follow_redirects=False)
+        # Local test processors reached in-process (an ASGI app, no network); all else over TLS.
+        self._local = {origin_of(o): app for o, app in (local_apps or {}).items()}
+        self._network = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), verify=True, follow_redirects=False)
         # httpx logs every request at INFO: one line per payment, and the URL is all it would add
         # to the audit trail.
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
     async def aclose(self) -> None:
-        for client in [*self._clients.values(), self._network]:
-            await client.aclose()
+        await self._network.aclose()
 
     async def send(
         self, *, actor: str, merchant_id: str, token: str, card: CardFacts, request: RelayRequest
@@ -160,7 +156,7 @@ class Relay:
             log.warning("vault.relay_refused", actor=actor, merchant_id=merchant_id, destination=request.url[:200])
             raise
         try:
-            async with self._db.read() as conn:
+            async with self._db.single() as conn:
                 pan = await self._vault.reveal(conn, merchant_id, token)
         except ResourceMissing:
             await self._audit(actor, merchant_id, token, origin, request.method, path, "not_found", None)
@@ -172,29 +168,32 @@ class Relay:
             "exp_month": Secret(str(card.exp_month)),
             "exp_year": Secret(str(card.exp_year)),
         }
-        client = self._clients.get(origin, self._network)
+        body = _fill(request.body, values).encode()
+        headers = {name: _fill(value, values) for name, value in request.headers.items()}
         try:
             # One deadline for the whole exchange (httpx's timeouts are per phase, and an
-            # in-process transport has none).
+            # in-process app has none).
             async with asyncio.timeout(self._timeout_s):
-                response = await client.request(
-                    request.method,
-                    request.url,
-                    content=_fill(request.body, values).encode(),
-                    headers={name: _fill(value, values) for name, value in request.headers.items()},
-                )
+                local = self._local.get(origin)
+                if local is not None:
+                    status, answer_headers, answer = await _call_local(
+                        local, request.method, request.url, headers, body
+                    )
+                else:
+                    response = await self._network.request(request.method, request.url, content=body, headers=headers)
+                    status, answer_headers, answer = response.status_code, dict(response.headers), response.text
         except (httpx.TimeoutException, TimeoutError) as exc:
             await self._audit(actor, merchant_id, token, origin, request.method, path, "timeout", None)
             raise RelayFailed(f"no answer from {origin}", timed_out=True) from exc
         except httpx.HTTPError as exc:
             await self._audit(actor, merchant_id, token, origin, request.method, path, "error", None)
             raise RelayFailed(f"{type(exc).__name__} talking to {origin}", timed_out=False) from exc
-        await self._audit(actor, merchant_id, token, origin, request.method, path, "sent", response.status_code)
+        await self._audit(actor, merchant_id, token, origin, request.method, path, "sent", status)
         secrets_ = [s.reveal() for s in (pan, cvc) if s is not None and s.reveal()]
         return RelayResponse(
-            status_code=response.status_code,
-            body=_scrub(response.text, secrets_),
-            headers={name: _scrub(value, secrets_) for name, value in response.headers.items()},
+            status_code=status,
+            body=_scrub(answer, secrets_),
+            headers={name: _scrub(value, secrets_) for name, value in answer_headers.items()},
         )
 
     async def _audit(
@@ -208,7 +207,7 @@ class Relay:
         outcome: str,
         status_code: int | None,
     ) -> None:
-        async with self._db.tx() as conn:
+        async with self._db.single() as conn:  # one append-only row, durable on its own
             await conn.execute(
                 _INSERT_AUDIT,
                 {
@@ -224,6 +223,53 @@ class Relay:
                     "status_code": status_code,
                 },
             )
+
+
+AsgiApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]
+]
+
+
+async def _call_local(
+    app: AsgiApp, method: str, url: str, headers: Mapping[str, str], body: bytes
+) -> tuple[int, dict[str, str], str]:
+    """One HTTP exchange with an in-process ASGI app, without a client library's machinery (it
+    is on every sandbox payment's path): the request in one message, the answer collected."""
+    parts = urllib.parse.urlsplit(url)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method.upper(),
+        "scheme": parts.scheme,
+        "path": parts.path,
+        "raw_path": parts.path.encode(),
+        "query_string": parts.query.encode(),
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "server": (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)),
+        "client": ("127.0.0.1", 0),
+    }
+    sent = False
+    answer: dict[str, Any] = {"status": 500, "headers": [], "body": []}
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+            answer["headers"] = message.get("headers", [])
+        elif message["type"] == "http.response.body":
+            answer["body"].append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    decoded = {k.decode("latin-1"): v.decode("latin-1") for k, v in answer["headers"]}
+    return int(answer["status"]), decoded, b"".join(answer["body"]).decode("utf-8", "replace")
 
 
 def _fill(template: str, values: Mapping[str, Secret[str]]) -> str:

@@ -41,6 +41,7 @@ from strongroom.store.db import Database, as_utc, insert_ignore, utcnow
 IDEMPOTENCY_KEY_MAX_CHARS = 255  # Stripe's limit for Idempotency-Key
 AMOUNT_MAX_MINOR = 2**63 - 1  # the BIGINT column's range
 LIST_LIMIT_MAX = 1000
+_INSERT_CHARGE = sandbox_charges.insert()  # built once: it is on every payment's path
 
 
 class OperationKind(StrEnum):
@@ -408,7 +409,7 @@ async def _claim_key(conn: AsyncConnection, row: dict[str, Any]) -> SandboxOpera
     On PostgreSQL a concurrent claim of the same key waits here until the first commits, and
     then reads its row (READ COMMITTED: each statement sees what committed before it began).
     """
-    inserted = await conn.execute(insert_ignore(conn, sandbox_operations).values(**row))
+    inserted = await conn.execute(insert_ignore(conn, sandbox_operations), row)
     if inserted.rowcount == 1:
         return None
     earlier = await _load_row(conn, row["idempotency_key"])
@@ -456,20 +457,21 @@ async def _load_operation(conn: AsyncConnection, key: str) -> SandboxOperation |
 async def _insert_charge(conn: AsyncConnection, operation: SandboxOperation, card: CardRef) -> None:
     captured = operation.outcome is Outcome.CAPTURED
     await conn.execute(
-        sa.insert(sandbox_charges).values(
-            processor_ref=operation.charge_ref,
-            merchant_id=operation.merchant_id,
-            idempotency_key=operation.idempotency_key,
-            status=(ChargeStatus.CAPTURED if captured else ChargeStatus.AUTHORIZED).value,
-            amount_minor=operation.amount_minor,
-            captured_minor=operation.amount_minor if captured else 0,
-            refunded_minor=0,
-            currency=operation.currency,
-            card_brand=card.brand,
-            card_last4=card.last4,
-            created_at=operation.created_at,
-            updated_at=operation.created_at,
-        )
+        _INSERT_CHARGE,
+        {
+            "processor_ref": operation.charge_ref,
+            "merchant_id": operation.merchant_id,
+            "idempotency_key": operation.idempotency_key,
+            "status": (ChargeStatus.CAPTURED if captured else ChargeStatus.AUTHORIZED).value,
+            "amount_minor": operation.amount_minor,
+            "captured_minor": operation.amount_minor if captured else 0,
+            "refunded_minor": 0,
+            "currency": operation.currency,
+            "card_brand": card.brand,
+            "card_last4": card.last4,
+            "created_at": operation.created_at,
+            "updated_at": operation.created_at,
+        },
     )
 
 
