@@ -47,7 +47,12 @@ REFUND_REFUSALS = {
     "400 invalid_request_error/charge_already_refunded",
 }
 # Answers a client retries with the same key: the key is busy, or the server shed the request.
-RETRYABLE = {"409 idempotency_error/idempotency_key_in_use", "503 api_error/overloaded"}
+# 500 outcome_unknown: cut off mid-way by pool exhaustion; retried with the same key, as the SDKs do.
+RETRYABLE = {
+    "409 idempotency_error/idempotency_key_in_use",
+    "503 api_error/overloaded",
+    "500 api_error/outcome_unknown",
+}
 RETRY_ROUNDS_MAX = 40
 
 
