@@ -60,6 +60,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settings:
+    # The race tests send up to 200 requests at once to one in-process app: they test the
+    # database's concurrency, so admission control (tests/api/test_admission.py) stays out of it.
+    overrides.setdefault("http", {"max_inflight": 1000})
     return Settings(data_dir=data_dir, database_url=database_url, **overrides)
 
 

@@ -269,7 +269,10 @@ async def test_i5_i1_100_refunds_each_sent_twice_with_its_idempotency_key_post_o
     again = await asyncio.gather(*(post(api, "/v1/refunds", data, key=key) for data, key in requests))
     for (_, key), response in zip(requests, again, strict=True):
         first = by_key[key][0]
-        assert outcome(response) == outcome(first)
+        if first.status_code == 200:
+            assert outcome(response) == "200"
+        else:  # refused again (the code may differ: the charge is used up by now)
+            assert outcome(response) in REFUND_REFUSALS, outcome(response)
         if response.status_code == 200:
             assert (response.content, response.headers["Idempotent-Replayed"]) == (first.content, "true")
     assert await assert_ledger_agrees(api, services, merchant, intent["id"], CAPTURED) == succeeded
