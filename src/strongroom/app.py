@@ -8,7 +8,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -25,6 +25,7 @@ from strongroom.api import openapi
 from strongroom.api.errors import error_response
 from strongroom.api.http import Services
 from strongroom.auth.service import KeyHasher, PrincipalCache
+from strongroom.background import every
 from strongroom.connectors.routing import Router
 from strongroom.connectors.sandbox import SandboxConnector, SandboxProcessor
 from strongroom.connectors.sandbox.connector import SANDBOX_ORIGIN
@@ -118,15 +119,6 @@ def _vault_and_relay(settings: Settings, db: Database, sandbox: SandboxProcessor
     return vault, relay
 
 
-async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[object]]) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await job()
-        except Exception as exc:  # a failed sweep must not kill the loop; it is logged and retried
-            log.error("background.failed", job=name, error_type=type(exc).__name__)
-
-
 def app_from_environment() -> FastAPI:
     """The uvicorn factory used by `strongroom serve` (settings from STRONGROOM_* variables)."""
     from strongroom.cli import _configure_logging
@@ -156,10 +148,10 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
             idem = settings.idempotency
             tasks = [
                 asyncio.create_task(
-                    _every(settings.payments.recovery_interval_s, "recovery", lambda: recovery.sweep(ctx))
+                    every(settings.payments.recovery_interval_s, "recovery", lambda: recovery.sweep(ctx))
                 ),
                 asyncio.create_task(
-                    _every(
+                    every(
                         3600,
                         "idempotency_purge",
                         lambda: idempotency.purge_expired(db, ttl_s=idem.ttl_s, batch=idem.purge_batch),
@@ -171,7 +163,7 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
                 vault_settings = settings.vault
                 tasks.append(
                     asyncio.create_task(
-                        _every(
+                        every(
                             vault_settings.rotation_interval_s,
                             "key_rotation",
                             lambda: rotation.tick(ctx.vault, vault_settings),

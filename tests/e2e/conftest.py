@@ -23,6 +23,7 @@ import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -120,14 +121,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=STOP_TIMEOUT_S)
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path, verify: Any = True) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     last_error = "no attempt"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}; log tail:\n{_tail(log_path, LOG_TAIL_LINES)}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+            if httpx.get(f"{url}/healthz", timeout=1.0, verify=verify).status_code == 200:
                 return
             last_error = "healthz not 200"
         except httpx.HTTPError as exc:

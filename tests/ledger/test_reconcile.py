@@ -203,6 +203,8 @@ async def test_the_generic_format_reconciles_in_minor_units(api, services):
         (",".join(STRIPE_COLUMNS) + "\ntxn_1,2026-11-24 10:00:00,,usd,10.00,0.59,10.00,charge,ch_1,,\n", "net"),
         (",".join(STRIPE_COLUMNS) + "\ntxn_1,yesterday,,usd,10.00,0.00,10.00,charge,ch_1,,\n", "created_utc"),
         (",".join(STRIPE_COLUMNS) + "\ntxn_1,2026-11-24 10:00:00,,zzz,10.00,0.00,10.00,charge,ch_1,,\n", "currency"),
+        (",".join(STRIPE_COLUMNS) + "\ntxn_1,2026-11-24 10:00:00,,usd,10.00,10.01,-0.01,charge,ch_1,,\n", "fee"),
+        (",".join(STRIPE_COLUMNS) + "\ntxn_1,2026-11-24 10:00:00,,usd,10.00,-0.50,10.50,charge,ch_1,,\n", "fee"),
     ],
 )
 async def test_a_report_that_cannot_be_read_is_refused_whole_with_exit_2(services, settings, tmp_path, report, message):

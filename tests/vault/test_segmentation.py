@@ -8,6 +8,7 @@ test processor); the vault refuses unsigned, mis-signed, replayed and re-targete
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -26,9 +27,11 @@ import pytest
 from tests.e2e.conftest import _cli, _create_merchant, _environment, _free_port, _stop, _tail, _wait_healthy
 
 from strongroom import tls
+from strongroom.errors import ResourceMissing
 from strongroom.sensitive import Secret
 from strongroom.vault import channel
-from strongroom.vault.remote import CARDS_PATH
+from strongroom.vault.relay import CardFacts, RelayRefused, RelayRequest
+from strongroom.vault.remote import CARDS_PATH, RemoteRelay, RemoteVault
 
 VISA = "4242424242424242"
 
@@ -86,7 +89,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         _start(["serve", "--port", str(api_port), "--data-dir", str(api_dir)], api_env, log),
     ]
     try:
-        _wait_tls_healthy(procs[0], f"https://127.0.0.1:{vault_port}", cert.cert_file, log)
+        vault_tls = ssl.create_default_context(cafile=str(cert.cert_file))
+        _wait_healthy(procs[0], f"https://127.0.0.1:{vault_port}", log, verify=vault_tls)
         _wait_healthy(procs[1], f"http://127.0.0.1:{api_port}", log)
         yield Deployment(
             f"http://127.0.0.1:{api_port}",
@@ -96,25 +100,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             api_db,
             vault_db,
             log,
-            ssl.create_default_context(cafile=str(cert.cert_file)),
+            vault_tls,
         )
     finally:
         for proc in procs:
             _stop(proc)
-
-
-def _wait_tls_healthy(proc: subprocess.Popen[bytes], url: str, ca: Path, log: Path) -> None:
-    context = ssl.create_default_context(cafile=str(ca))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vault exited with {proc.returncode}:\n{_tail(log, 40)}")
-        try:
-            if httpx.get(f"{url}/healthz", verify=context, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"vault not healthy:\n{_tail(log, 40)}")
 
 
 def _count(db: Path, table: str) -> int:
@@ -228,3 +218,21 @@ def test_the_channel_refuses_a_short_secret():
     with pytest.raises(ValueError, match="32 bytes"):
         channel.Verifier(Secret(b"too short"))
     assert os.environ.get("STRONGROOM_VAULT__SERVICE_SECRET") is None  # nothing leaks into the test process
+
+
+def test_remote_relay_failures_reach_the_api_as_the_in_process_ones_do(deployment):
+    async def attempt(url: str, token: str) -> None:
+        remote = RemoteVault(deployment.vault_url, Secret(deployment.secret.encode()), verify=deployment.vault_tls)
+        request = RelayRequest("POST", url, '{"number": "{{card.number}}"}')
+        try:
+            await RemoteRelay(remote).send(
+                actor="test", merchant_id="acct_test", token=token, card=CardFacts(12, 2034), request=request
+            )
+        finally:
+            await remote.aclose()
+
+    # Off the vault's allowlist: refused there, nothing sent; a token the vault does not know: 404.
+    with pytest.raises(RelayRefused):
+        asyncio.run(attempt("https://evil.example/v1/charges", "card_unknown"))
+    with pytest.raises(ResourceMissing):
+        asyncio.run(attempt(f"{deployment.api_url}/sandbox/v1/authorizations", "card_unknown"))

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from strongroom.background import every
 from strongroom.errors import ResourceMissing
 from strongroom.sensitive import Secret
 from strongroom.settings import Settings
@@ -158,7 +159,12 @@ def create_vault_app(settings: Settings, *, background: bool = True) -> Starlett
         app.state.vault = state
         tasks: list[asyncio.Task[None]] = []
         if background and settings.vault.rotation_enabled:
-            tasks.append(asyncio.create_task(_rotation_loop(state)))
+            # PCI DSS 3.7.4 (SECURITY.md P6): the vault process rotates its own keys on schedule.
+            vault_settings = settings.vault
+            job = every(
+                vault_settings.rotation_interval_s, "key_rotation", lambda: rotation.tick(state.vault, vault_settings)
+            )
+            tasks.append(asyncio.create_task(job))
         try:
             yield
         finally:
@@ -173,16 +179,6 @@ def create_vault_app(settings: Settings, *, background: bool = True) -> Starlett
         Route("/healthz", healthz, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
-
-
-async def _rotation_loop(state: _Vault) -> None:
-    # PCI DSS 3.7.4 (SECURITY.md P6): the vault process rotates its own keys on schedule.
-    while True:
-        await asyncio.sleep(state.settings.vault.rotation_interval_s)
-        try:
-            await rotation.tick(state.vault, state.settings.vault)
-        except Exception as exc:  # a failed rotation must not kill the loop; it is logged and retried
-            log.error("background.failed", job="key_rotation", error_type=type(exc).__name__)
 
 
 def vault_app_from_environment() -> Starlette:

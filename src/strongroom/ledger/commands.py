@@ -16,7 +16,7 @@ from strongroom.ledger.reports import Movement, ReportError, ReportFormat, Repor
 
 __all__ = ["ConnectorOption", "FormatOption", "ReportFormat", "run_reconcile", "run_settlement_report"]
 from strongroom.settings import Settings
-from strongroom.store.db import Database
+from strongroom.store.db import Database, as_utc
 from strongroom.store.migrate import upgrade
 
 ConnectorOption = Annotated[str, typer.Option("--connector", help="Connector whose report this is (e.g. sandbox)")]
@@ -46,7 +46,7 @@ def run_reconcile(
         if since is None or until is None:
             typer.echo("reconcile: --since and --until go together", err=True)
             raise typer.Exit(2)
-        span = (_as_utc(since), _as_utc(until))
+        span = (as_utc(since), as_utc(until))
     _migrate_embedded(settings)
     result = asyncio.run(_reconcile(settings, connector, lines, report_format, raw, span))
     _print(result)
@@ -98,17 +98,11 @@ async def _movements(
 ) -> list[Movement]:
     db = Database(settings.effective_database_url)
     try:
-        return await settlement_movements(db, since=_utc(since), until=_utc(until), available_after=after)
+        return await settlement_movements(
+            db, since=as_utc(since) if since else None, until=as_utc(until) if until else None, available_after=after
+        )
     finally:
         await db.dispose()
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    return None if value is None else _as_utc(value)
-
-
-def _as_utc(value: dt.datetime) -> dt.datetime:
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 def _migrate_embedded(settings: Settings) -> None:

@@ -101,6 +101,9 @@ def parse(text: str, report_format: ReportFormat) -> list[ReportLine]:
     lines = [read(reader.line_num, row) for row in reader]
     seen: set[str] = set()
     for report_line in lines:
+        if report_line.category is Category.CHARGE and not 0 <= report_line.fee_minor <= report_line.gross_minor:
+            # Booked from the charge's own pending funds: a fee beyond the charge is not a fee.
+            raise ReportError("a charge's fee must be between 0 and its gross amount", report_line.line)
         if report_line.processor_txn in seen:
             raise ReportError(f"transaction {report_line.processor_txn} appears twice", report_line.line)
         seen.add(report_line.processor_txn)
