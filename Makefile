@@ -5,8 +5,12 @@ BIN := $(VENV)/bin
 
 .PHONY: serve test install lock
 
-$(BIN)/.installed: requirements/main.txt requirements/dev.txt pyproject.toml
+# The pinned pip first: the pip bundled with Python 3.11 (23.2) refuses a hash-pinned package that
+# a dependency asks for with extras (pytest-cov -> coverage[toml]) once a newer release exists.
+$(BIN)/.installed: requirements/bootstrap.txt requirements/main.txt requirements/dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+		-r requirements/bootstrap.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes \
 		-r requirements/main.txt -r requirements/dev.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
@@ -26,3 +30,5 @@ lock: $(BIN)/.installed
 		-o requirements/main.txt requirements/main.in
 	$(BIN)/pip-compile -q --generate-hashes --no-emit-index-url --no-emit-find-links --allow-unsafe --strip-extras \
 		-o requirements/dev.txt requirements/dev.in
+	$(BIN)/pip-compile -q --generate-hashes --no-emit-index-url --no-emit-find-links --allow-unsafe --strip-extras \
+		-o requirements/bootstrap.txt requirements/bootstrap.in
