@@ -39,6 +39,7 @@ from strongroom.payments.context import PaymentsContext
 from strongroom.sensitive import Secret
 from strongroom.settings import Settings
 from strongroom.store.db import Database
+from strongroom.store.group import GroupCommit
 from strongroom.vault import rotation
 from strongroom.vault.interface import CardVault
 from strongroom.vault.keystore import open_keystore
@@ -83,6 +84,9 @@ def build_services(settings: Settings, db: Database, public_url: str) -> Service
         settings=settings.payments.model_copy(update={"failpoint_allowed": settings.development}),
         lock_timeout_s=settings.idempotency.lock_timeout_s,
         public_url=public_url.rstrip("/"),
+        commits=GroupCommit(
+            db, max_batch=settings.database.group_commit_max, max_writers=settings.database.group_commit_writers
+        ),
     )
     return Services(
         settings=settings,

@@ -25,7 +25,7 @@ from strongroom.auth.service import KeyHasher, PrincipalCache
 from strongroom.connectors.sandbox import SandboxProcessor
 from strongroom.errors import InvalidRequest, StrongroomError
 from strongroom.idempotency import service as idempotency
-from strongroom.idempotency.service import NULL_RECORDER, Claim, Recorder, Replay
+from strongroom.idempotency.service import NULL_RECORDER, Claim, Finish, Recorder, Replay
 from strongroom.payments.context import PaymentsContext
 from strongroom.settings import Settings
 from strongroom.store.db import Database
@@ -36,6 +36,17 @@ log = structlog.get_logger(__name__)
 Render = Callable[[AsyncConnection, Principal, Any], Awaitable[dict[str, Any]]]
 # A renderer is chosen per request from its parameters (e.g. Stripe's `expand[]`).
 RenderFor = Callable[[Any], Render]
+
+
+class OfflineRender:
+    """A renderer that reads nothing from the database (no `expand[]`): the response can then be
+    stored with the service's own final writes, in the same commit (store.group)."""
+
+    def __init__(self, view: Callable[[Any], dict[str, Any]]) -> None:
+        self.view = view
+
+    async def __call__(self, conn: AsyncConnection, principal: Principal, result: Any) -> dict[str, Any]:
+        return self.view(result)
 
 
 @dataclass(frozen=True)
@@ -110,12 +121,22 @@ class _HttpRecorder:
     async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None:
         await self._claim.checkpoint(conn, resource_id)
 
+    def checkpoint_offline(self, resource_id: str) -> Finish:
+        return self._claim.checkpoint_offline(resource_id)
+
     async def finish(self, conn: AsyncConnection, result: object) -> None:
         if isinstance(result, StrongroomError):
             await self._claim.store(conn, result.http_status, error_body(result))
         else:
             body = orjson.dumps(await self._render(conn, self._principal, result))
             await self._claim.store(conn, 200, body)
+
+    def finish_offline(self, result: object) -> Finish | None:
+        if not isinstance(self._render, OfflineRender) or isinstance(result, StrongroomError):
+            return None
+        body = orjson.dumps(self._render.view(result))
+        claim = self._claim
+        return Finish([claim.store_write(200, body)], lambda: claim.stored_as(200, body))
 
 
 async def post(

@@ -13,6 +13,7 @@ from strongroom.errors import ResourceMissing
 from strongroom.events.tables import events
 from strongroom.ids import new_id
 from strongroom.store.db import epoch_s, utcnow
+from strongroom.store.group import Write
 from strongroom.store.paging import Page, PageRequest, fetch_page
 
 API_VERSION = "2024-06-20"
@@ -20,13 +21,13 @@ API_VERSION = "2024-06-20"
 _INSERT = events.insert()
 
 
-async def record(conn: AsyncConnection, principal: Principal, type_: str, obj: dict[str, Any]) -> str:
-    event_id = new_id("event")
-    await conn.execute(
+def record_write(principal: Principal, type_: str, obj: dict[str, Any]) -> Write:
+    """The event's INSERT, for a caller that writes it with others (see store.group)."""
+    return Write(
         _INSERT,
         {
             "merchant_id": principal.merchant_id,
-            "id": event_id,
+            "id": new_id("event"),
             "livemode": principal.livemode,
             "created": utcnow(),
             "type": type_,
@@ -34,6 +35,12 @@ async def record(conn: AsyncConnection, principal: Principal, type_: str, obj: d
             "data": {"object": obj},
         },
     )
+
+
+async def record(conn: AsyncConnection, principal: Principal, type_: str, obj: dict[str, Any]) -> str:
+    write = record_write(principal, type_, obj)
+    await conn.execute(write.statement, write.params)
+    event_id: str = write.params["id"]
     return event_id
 
 

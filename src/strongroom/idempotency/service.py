@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ from strongroom.errors import IdempotencyConflict, IdempotencyError, InvalidRequ
 from strongroom.idempotency.tables import idempotency_keys as keys
 from strongroom.redact import luhn_valid
 from strongroom.store.db import Database, as_utc, insert_ignore, utcnow
+from strongroom.store.group import Write
 
 
 class Recorder(Protocol):
@@ -36,7 +38,25 @@ class Recorder(Protocol):
 
     async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None: ...
 
+    def checkpoint_offline(self, resource_id: str) -> Finish:
+        """`checkpoint` as writes to commit with the service's own."""
+
     async def finish(self, conn: AsyncConnection, result: object) -> None: ...
+
+    def finish_offline(self, result: object) -> Finish | None:
+        """`finish` as writes to commit with the service's own, when the response can be rendered
+        without reading the database; None when it cannot (then call `finish`)."""
+
+
+@dataclass(frozen=True)
+class Finish:
+    writes: list[Write]
+    # Called once the writes are committed.
+    committed: Callable[[], None]
+
+
+# Nothing to record (a recorder without an idempotency key).
+NO_FINISH = Finish([], lambda: None)
 
 
 class _NullRecorder:
@@ -45,8 +65,14 @@ class _NullRecorder:
     async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None:
         return None
 
+    def checkpoint_offline(self, resource_id: str) -> Finish:
+        return NO_FINISH
+
     async def finish(self, conn: AsyncConnection, result: object) -> None:
         return None
+
+    def finish_offline(self, result: object) -> Finish | None:
+        return NO_FINISH
 
 
 NULL_RECORDER: Recorder = _NullRecorder()
@@ -99,8 +125,21 @@ class Claim:
         await conn.execute(_CHECKPOINT, self._key() | {"w_resource": resource_id})
         self.resume_id = resource_id
 
+    def checkpoint_offline(self, resource_id: str) -> Finish:
+        def committed() -> None:
+            self.resume_id = resource_id
+
+        return Finish([Write(_CHECKPOINT, self._key() | {"w_resource": resource_id})], committed)
+
     async def store(self, conn: AsyncConnection, status: int, body: bytes) -> None:
         await conn.execute(_STORE, self._key() | {"w_status": status, "w_body": body})
+        self.stored, self.status, self.body = True, status, body
+
+    def store_write(self, status: int, body: bytes) -> Write:
+        """`store` as a write for a caller that commits it with others; `stored_as` once committed."""
+        return Write(_STORE, self._key() | {"w_status": status, "w_body": body})
+
+    def stored_as(self, status: int, body: bytes) -> None:
         self.stored, self.status, self.body = True, status, body
 
     async def release(self, db: Database) -> None:
@@ -151,20 +190,23 @@ async def claim(
     fp = fingerprint(method, path, params)
     now = utcnow()
     fresh = Claim(principal.merchant_id, principal.livemode, key, resume_id=None, recovered=False)
+    new_row = {
+        "merchant_id": principal.merchant_id,
+        "livemode": principal.livemode,
+        "key": key,
+        "fingerprint": fp,
+        "method": method,
+        "path": path,
+        "created": now,
+        "locked_at": now,
+    }
+    # A new key (nearly every request) is claimed by one autocommitted statement; only a key
+    # seen before needs the locking read below.
+    async with db.single() as conn:
+        if (await conn.execute(insert_ignore(conn, keys), new_row)).rowcount == 1:
+            return fresh
     async with db.tx() as conn:
-        inserted = await conn.execute(
-            insert_ignore(conn, keys),
-            {
-                "merchant_id": principal.merchant_id,
-                "livemode": principal.livemode,
-                "key": key,
-                "fingerprint": fp,
-                "method": method,
-                "path": path,
-                "created": now,
-                "locked_at": now,
-            },
-        )
+        inserted = await conn.execute(insert_ignore(conn, keys), new_row)
         if inserted.rowcount == 1:
             return fresh
         query = sa.select(keys).where(fresh._where())

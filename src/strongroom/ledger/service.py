@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from strongroom.ledger.models import (
 )
 from strongroom.ledger.tables import ledger_entries, ledger_transactions
 from strongroom.store.db import epoch_s, utcnow
+from strongroom.store.group import Write
 from strongroom.store.paging import Page, PageRequest, fetch_page
 
 # Built once: constant statements compile once (the posting is on the payment hot path).
@@ -49,6 +50,54 @@ def unbalanced_currencies(entries: Iterable[tuple[str, int]]) -> dict[str, int]:
     return {currency: total for currency, total in sums.items() if total != 0}
 
 
+def posting(
+    principal: Principal,
+    source_type: str,
+    source_id: str,
+    kind: str,
+    currency: str,
+    entries: Sequence[Entry],
+) -> list[Write]:
+    """The writes of one balanced journal transaction (all entries in `currency`): its row first,
+    then its entries. Raises `InvariantError` unless it balances. `post` adds the never-negative
+    check; a caller writing these itself must need none (a capture credits the merchant)."""
+    if len(entries) < 2:
+        raise InvariantError(f"a journal transaction needs at least two entries ({kind} {source_id})")
+    for entry in entries:
+        if account_type(entry.account) is None:
+            raise InvariantError(f"account {entry.account!r} is not in the chart of accounts")
+    off = unbalanced_currencies((currency, e.amount_minor) for e in entries)
+    if off:
+        raise InvariantError(f"journal transaction for {kind} {source_id} does not balance: {off}")
+    transaction_id = new_id("balance_transaction")
+    row = {
+        "merchant_id": principal.merchant_id,
+        "id": transaction_id,
+        "livemode": principal.livemode,
+        "created": utcnow(),
+        "source_type": source_type,
+        "source_id": source_id,
+        "kind": kind,
+        "currency": currency,
+    }
+    lines = [
+        Write(
+            _INSERT_ENTRY,
+            {
+                "merchant_id": principal.merchant_id,
+                "transaction_id": transaction_id,
+                "line": line,
+                "livemode": principal.livemode,
+                "account": e.account,
+                "currency": currency,
+                "amount_minor": e.amount_minor,
+            },
+        )
+        for line, e in enumerate(entries)
+    ]
+    return [Write(_INSERT_TRANSACTION, row), *lines]
+
+
 async def post(
     conn: AsyncConnection,
     principal: Principal,
@@ -59,44 +108,11 @@ async def post(
     entries: Sequence[Entry],
 ) -> str:
     """One balanced journal transaction (all entries in `currency`); returns its `txn_` id."""
-    if len(entries) < 2:
-        raise InvariantError(f"a journal transaction needs at least two entries ({kind} {source_id})")
-    for entry in entries:
-        if account_type(entry.account) is None:
-            raise InvariantError(f"account {entry.account!r} is not in the chart of accounts")
-    off = unbalanced_currencies((currency, e.amount_minor) for e in entries)
-    if off:
-        raise InvariantError(f"journal transaction for {kind} {source_id} does not balance: {off}")
-    transaction_id = new_id("balance_transaction")
-    await conn.execute(
-        _INSERT_TRANSACTION,
-        {
-            "merchant_id": principal.merchant_id,
-            "id": transaction_id,
-            "livemode": principal.livemode,
-            "created": utcnow(),
-            "source_type": source_type,
-            "source_id": source_id,
-            "kind": kind,
-            "currency": currency,
-        },
-    )
-    await conn.execute(
-        _INSERT_ENTRY,
-        [
-            {
-                "merchant_id": principal.merchant_id,
-                "transaction_id": transaction_id,
-                "line": line,
-                "livemode": principal.livemode,
-                "account": e.account,
-                "currency": currency,
-                "amount_minor": e.amount_minor,
-            }
-            for line, e in enumerate(entries)
-        ],
-    )
+    head, *lines = posting(principal, source_type, source_id, kind, currency, entries)
+    await conn.execute(head.statement, head.params)
+    await conn.execute(_INSERT_ENTRY, [line.params for line in lines])
     await _check_never_negative(conn, principal, currency, entries)
+    transaction_id: str = head.params["id"]
     return transaction_id
 
 
@@ -126,22 +142,28 @@ async def _signed_sum(conn: AsyncConnection, principal: Principal, account: str,
     return int(total or 0)
 
 
+def _capture_entries(intent: Mapping[Any, Any], amount_minor: int) -> list[Entry]:
+    """Captured funds (of the intent's charge): the processor owes them to us, and we owe them to
+    the merchant."""
+    return [Entry(receivable(intent["connector"]), amount_minor), Entry(MERCHANT_PENDING.name, -amount_minor)]
+
+
+def capture_writes(principal: Principal, intent: Mapping[Any, Any], charge_id: str, amount_minor: int) -> list[Write]:
+    """`post_capture`'s writes, for a caller that writes them with others. A capture only credits
+    the merchant, so it needs no never-negative check."""
+    if amount_minor == 0:
+        return []
+    entries = _capture_entries(intent, amount_minor)
+    return posting(principal, "charge", charge_id, Kind.CAPTURE, intent["currency"], entries)
+
+
 async def post_capture(
     conn: AsyncConnection, principal: Principal, intent: RowMapping, charge_id: str, amount_minor: int
 ) -> str | None:
-    """Captured funds (of the intent's charge): the processor owes them to us, and we owe them to
-    the merchant."""
     if amount_minor == 0:
         return None  # authorized only, or a zero capture: no money moved
-    return await post(
-        conn,
-        principal,
-        "charge",
-        charge_id,
-        Kind.CAPTURE,
-        intent["currency"],
-        [Entry(receivable(intent["connector"]), amount_minor), Entry(MERCHANT_PENDING.name, -amount_minor)],
-    )
+    entries = _capture_entries(intent, amount_minor)
+    return await post(conn, principal, "charge", charge_id, Kind.CAPTURE, intent["currency"], entries)
 
 
 async def post_refund(conn: AsyncConnection, principal: Principal, refund: RowMapping, connector: str) -> str:

@@ -31,12 +31,15 @@ from strongroom.events import service as events
 from strongroom.idempotency.service import Recorder
 from strongroom.ledger import service as ledger
 from strongroom.payments import charges, methods, processing, views
-from strongroom.payments.context import PaymentsContext, load, update_owned
+from strongroom.payments.context import PaymentsContext, load, update_owned, update_write
 from strongroom.payments.models import DECLINE_MESSAGES, DECLINE_TOP_CODES, IntentStatus
 from strongroom.payments.tables import payment_intents, payment_methods
+from strongroom.payments.views import Row
 from strongroom.store.db import as_utc, utcnow
+from strongroom.store.group import Guard, Write
 
 S = IntentStatus
+_CLEARED: dict[str, Any] = {"pending_op": None, "pending_key": None, "pending_amount": None, "pending_since": None}
 
 
 @dataclass(frozen=True)
@@ -44,13 +47,13 @@ class Attempt:
     intent_id: str
     key: str
     # Known when the attempt began in this request; loaded again when a recovery resumes it.
-    intent: RowMapping | None = None
-    payment_method: RowMapping | None = None
+    intent: Row | None = None
+    payment_method: Row | None = None
 
 
 @dataclass(frozen=True)
 class Finished:
-    intent: RowMapping
+    intent: Row
     error: CardError | None
 
 
@@ -64,32 +67,35 @@ async def set_intent(conn: AsyncConnection, principal: Principal, intent_id: str
     return await update_owned(conn, payment_intents, principal, intent_id, "payment_intent", **values)
 
 
+def begin_values(intent: Row, pm: Row, *, authenticated: bool = False) -> tuple[str, dict[str, Any]]:
+    """The processor key of the intent's next attempt and the intent's changes that begin it."""
+    attempt = intent["attempt"] + 1
+    key = f"{intent['id']}:auth:{attempt}" + (":3ds" if authenticated else "")
+    return key, {
+        "status": S.PROCESSING,
+        "payment_method_id": pm["id"],
+        "attempt": attempt,
+        "pending_op": "authorize",
+        "pending_key": key,
+        "pending_amount": intent["amount"],
+        "pending_since": utcnow(),
+        "last_payment_error": None,
+        "next_action": None,
+        "authentication_token": None,
+    }
+
+
 async def begin(
     conn: AsyncConnection,
     principal: Principal,
-    intent: RowMapping,
-    pm: RowMapping,
+    intent: Row,
+    pm: Row,
     rec: Recorder,
     *,
     authenticated: bool = False,
 ) -> Attempt:
-    attempt = intent["attempt"] + 1
-    key = f"{intent['id']}:auth:{attempt}" + (":3ds" if authenticated else "")
-    updated = await set_intent(
-        conn,
-        principal,
-        intent["id"],
-        status=S.PROCESSING,
-        payment_method_id=pm["id"],
-        attempt=attempt,
-        pending_op="authorize",
-        pending_key=key,
-        pending_amount=intent["amount"],
-        pending_since=utcnow(),
-        last_payment_error=None,
-        next_action=None,
-        authentication_token=None,
-    )
+    key, values = begin_values(intent, pm, authenticated=authenticated)
+    updated = await set_intent(conn, principal, intent["id"], **values)
     await rec.checkpoint(conn, intent["id"])
     return Attempt(intent["id"], key, updated, pm)
 
@@ -114,8 +120,10 @@ async def drive(ctx: PaymentsContext, principal: Principal, attempt: Attempt, re
     connector = ctx.router.for_mode(principal.livemode)
     outcome = await processing.call(ctx.settings, "authorize", lambda: connector.authorize(request))
     processing.failpoint(ctx.settings, "exit_after_processor_call")
-    async with ctx.db.tx() as conn:
-        finished = await finish(conn, ctx, principal, attempt, outcome, rec)
+    finished = await _finish_grouped(ctx, principal, attempt, outcome, rec)
+    if finished is None:
+        async with ctx.db.tx() as conn:
+            finished = await finish(conn, ctx, principal, attempt, outcome, rec)
     if not isinstance(outcome, ProcessorTimeout):
         # PCI DSS 3.3.1.2: the CVC must not outlive the authorization it was collected for.
         ctx.vault.discard_cvc(principal.merchant_id, pm["vault_token"])
@@ -143,9 +151,9 @@ async def finish(
     if pm is None:
         pm = await load(conn, payment_methods, principal, intent["payment_method_id"], "payment_method")
     if isinstance(outcome, Authorization):
-        intent = await _succeed(conn, ctx, principal, intent, pm, outcome)
-        await rec.finish(conn, intent)
-        return Finished(intent, None)
+        after = await _succeed(conn, ctx, principal, intent, pm, outcome)
+        await rec.finish(conn, after)
+        return Finished(after, None)
     return await _fail(conn, principal, intent, pm, outcome, rec)
 
 
@@ -154,10 +162,9 @@ async def _succeed(
     ctx: PaymentsContext,
     principal: Principal,
     intent: RowMapping,
-    pm: RowMapping,
+    pm: Row,
     auth: Authorization,
-) -> RowMapping:
-    cleared: dict[str, Any] = {"pending_op": None, "pending_key": None, "pending_amount": None, "pending_since": None}
+) -> Row:
     if auth.status is AuthorizationStatus.REQUIRES_ACTION:
         token = secrets.token_urlsafe(32)
         url = f"{ctx.public_url}/v1/sandbox/3ds/{principal.merchant_id}/{intent['id']}?token={token}"
@@ -171,13 +178,28 @@ async def _succeed(
                 "type": "redirect_to_url",
                 "redirect_to_url": {"url": url, "return_url": intent["return_url"]},
             },
-            **cleared,
+            **_CLEARED,
         )
         await events.record(conn, principal, "payment_intent.requires_action", views.payment_intent(intent))
         return intent
+    plan = _success_plan(principal, intent, pm, auth)
+    for write in plan.writes:
+        await conn.execute(write.statement, write.params)
+    return plan.intent
+
+
+@dataclass(frozen=True)
+class _Plan:
+    writes: list[Write]
+    intent: dict[str, Any]
+
+
+def _success_plan(principal: Principal, intent: Row, pm: Row, auth: Authorization) -> _Plan:
+    """An authorization (captured or not) as the writes that record it: its charge, the capture's
+    journal posting, the intent's new state and their events. All values are computed here, so
+    the same writes serve one request's transaction and a group commit (store.group)."""
     captured = auth.status is AuthorizationStatus.CAPTURED
-    charge = await charges.insert(
-        conn,
+    charge = charges.new_row(
         principal,
         intent,
         amount_captured=intent["amount"] if captured else 0,
@@ -187,22 +209,58 @@ async def _succeed(
         outcome={"network_status": auth.network_status, "type": "authorized", "seller_message": "Payment complete."},
         processor_ref=auth.processor_ref,
     )
-    await ledger.post_capture(conn, principal, intent, charge["id"], charge["amount_captured"])
-    intent = await set_intent(
-        conn,
-        principal,
-        intent["id"],
-        status=S.SUCCEEDED if captured else S.REQUIRES_CAPTURE,
-        amount_received=intent["amount"] if captured else 0,
-        amount_capturable=0 if captured else intent["amount"],
-        latest_charge_id=charge["id"],
-        processor_ref=auth.processor_ref,
-        **cleared,
-    )
-    await events.record(conn, principal, "charge.succeeded", views.charge(charge, pm))
+    changes = {
+        "status": S.SUCCEEDED if captured else S.REQUIRES_CAPTURE,
+        "amount_received": intent["amount"] if captured else 0,
+        "amount_capturable": 0 if captured else intent["amount"],
+        "latest_charge_id": charge["id"],
+        "processor_ref": auth.processor_ref,
+        **_CLEARED,
+        "updated": utcnow(),
+    }
+    after = {**intent, **changes}
     kind = "payment_intent.succeeded" if captured else "payment_intent.amount_capturable_updated"
-    await events.record(conn, principal, kind, views.payment_intent(intent))
-    return intent
+    writes = [
+        charges.insert_write(charge),
+        *ledger.capture_writes(principal, intent, charge["id"], charge["amount_captured"]),
+        update_write(payment_intents, principal, intent["id"], changes),
+        events.record_write(principal, "charge.succeeded", views.charge(charge, pm)),
+        events.record_write(principal, kind, views.payment_intent(after)),
+    ]
+    return _Plan(writes, after)
+
+
+async def _finish_grouped(
+    ctx: PaymentsContext, principal: Principal, attempt: Attempt, outcome: Authorization | ProcessorError, rec: Recorder
+) -> Finished | None:
+    """The common case (an authorization, begun by this request, answered without 3-D Secure)
+    committed together with other requests' (store.group). None when it must take the one-by-one
+    path: another outcome, a response that needs the database to render, or an intent changed
+    since this attempt began (a recovery, an update)."""
+    intent, pm = attempt.intent, attempt.payment_method
+    if (
+        not isinstance(outcome, Authorization)
+        or outcome.status is AuthorizationStatus.REQUIRES_ACTION
+        or intent is None
+        or pm is None
+    ):
+        return None
+    plan = _success_plan(principal, intent, pm, outcome)
+    final = rec.finish_offline(plan.intent)
+    if final is None:
+        return None
+    # The intent exactly as this attempt left it: any other change since sends us the slow way.
+    guard = Guard(
+        payment_intents,
+        principal.merchant_id,
+        principal.livemode,
+        intent["id"],
+        {"pending_key": attempt.key, "updated": intent["updated"]},
+    )
+    if not await ctx.commits.commit([*plan.writes, *final.writes], guard):
+        return None
+    final.committed()
+    return Finished(plan.intent, None)
 
 
 def card_error(outcome: ProcessorError) -> CardError:
@@ -219,7 +277,7 @@ async def _fail(
     conn: AsyncConnection,
     principal: Principal,
     intent: RowMapping,
-    pm: RowMapping,
+    pm: Row,
     outcome: ProcessorError,
     rec: Recorder,
 ) -> Finished:

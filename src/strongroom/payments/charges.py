@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,16 +16,20 @@ from strongroom.payments.context import load, owned
 from strongroom.payments.params import ChargeList
 from strongroom.payments.tables import charges, payment_methods
 from strongroom.store.db import utcnow
+from strongroom.store.group import Write
 from strongroom.store.paging import Page, PageRequest, fetch_page
 
 _INSERT = charges.insert().returning(*charges.c)
+_INSERT_PLAIN = charges.insert()
+# Every column, as RETURNING would give it: a row built here renders like one read back.
+_EMPTY: dict[str, Any] = {c.name: None for c in charges.c}
 
 
-async def insert(conn: AsyncConnection, principal: Principal, intent: RowMapping, **values: Any) -> RowMapping:
-    charge_id = new_id("charge")
-    row = {
+def new_row(principal: Principal, intent: Mapping[Any, Any], **values: Any) -> dict[str, Any]:
+    """The charge of `intent` with `values`, every column present (nothing written yet)."""
+    return _EMPTY | {
         "merchant_id": principal.merchant_id,
-        "id": charge_id,
+        "id": new_id("charge"),
         "livemode": principal.livemode,
         "created": utcnow(),
         "payment_intent_id": intent["id"],
@@ -37,7 +42,14 @@ async def insert(conn: AsyncConnection, principal: Principal, intent: RowMapping
         "refunded": False,
         **values,
     }
-    inserted = await conn.execute(_INSERT, row)
+
+
+def insert_write(row: dict[str, Any]) -> Write:
+    return Write(_INSERT_PLAIN, row)
+
+
+async def insert(conn: AsyncConnection, principal: Principal, intent: RowMapping, **values: Any) -> RowMapping:
+    inserted = await conn.execute(_INSERT, new_row(principal, intent, **values))
     return inserted.mappings().one()
 
 

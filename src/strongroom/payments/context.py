@@ -15,6 +15,7 @@ from strongroom.connectors.routing import Router
 from strongroom.errors import ResourceMissing
 from strongroom.settings import PaymentsSettings
 from strongroom.store.db import Database
+from strongroom.store.group import GroupCommit, Write
 from strongroom.vault.interface import CardVault
 
 
@@ -26,6 +27,8 @@ class PaymentsContext:
     settings: PaymentsSettings
     lock_timeout_s: float
     public_url: str
+    # The final writes of concurrent payments, committed together (store.group).
+    commits: GroupCommit
 
 
 def owned(table: sa.Table, principal: Principal) -> list[sa.ColumnElement[bool]]:
@@ -61,6 +64,11 @@ async def update_owned(
     return row
 
 
+def update_write(table: sa.Table, principal: Principal, object_id: str, values: dict[str, Any]) -> Write:
+    """`update_owned` without RETURNING, for a caller that writes it with others (store.group)."""
+    return Write(_update_plain(table), {**values, **_key(principal, object_id)})
+
+
 def _key(principal: Principal, object_id: str) -> dict[str, object]:
     return {"w_merchant_id": principal.merchant_id, "w_livemode": principal.livemode, "w_id": object_id}
 
@@ -84,3 +92,8 @@ def _select_one(table: sa.Table, for_update: bool) -> sa.Select[Any]:
 @functools.cache
 def _update_one(table: sa.Table) -> sa.Update:
     return table.update().where(*_where(table)).returning(*table.c)
+
+
+@functools.cache
+def _update_plain(table: sa.Table) -> sa.Update:
+    return table.update().where(*_where(table))

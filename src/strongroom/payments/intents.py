@@ -20,11 +20,15 @@ from strongroom.payments.context import PaymentsContext, load, owned
 from strongroom.payments.models import IntentStatus, Operation, check_allowed
 from strongroom.payments.params import IntentConfirm, IntentCreate, IntentList, IntentUpdate
 from strongroom.payments.tables import payment_intents
+from strongroom.payments.views import Row
 from strongroom.store.db import utcnow
+from strongroom.store.group import Write
 from strongroom.store.paging import Page, PageRequest, fetch_page
 
 S = IntentStatus
-_INSERT = payment_intents.insert().returning(*payment_intents.c)
+_INSERT = payment_intents.insert()
+# Every column, as RETURNING would give it: a row built here renders like one read back.
+_EMPTY: dict[str, Any] = {c.name: None for c in payment_intents.c}
 
 
 def _check_methods(p: IntentCreate) -> None:
@@ -47,44 +51,73 @@ async def create(ctx: PaymentsContext, principal: Principal, p: IntentCreate, re
     currency = get_currency(p.currency)
     amount = parse_amount(p.amount, currency)
     _check_methods(p)
-    async with ctx.db.tx() as conn:
+    # What the intent refers to is read first; its own writes then commit with other requests'
+    # (store.group). A test alias stores a new payment method: that needs a transaction.
+    alias = p.payment_method is not None and methods.is_alias(principal, p.payment_method)
+    async with ctx.db.tx() if alias else ctx.db.single() as conn:
         if p.customer is not None:
             await customers.live(conn, principal, p.customer)
         pm = await methods.resolve(conn, ctx.vault, principal, p.payment_method) if p.payment_method else None
-        intent_id = new_id("payment_intent")
-        now = utcnow()
-        values = {
-            "merchant_id": principal.merchant_id,
-            "id": intent_id,
-            "livemode": principal.livemode,
-            "created": now,
-            "updated": now,
-            "amount": amount,
-            "currency": currency.code,
-            "status": S.REQUIRES_CONFIRMATION if pm is not None else S.REQUIRES_PAYMENT_METHOD,
-            "capture_method": p.capture_method,
-            "confirmation_method": p.confirmation_method,
-            "customer_id": p.customer,
-            "payment_method_id": pm["id"] if pm is not None else None,
-            "amount_capturable": 0,
-            "amount_received": 0,
-            "description": p.description,
-            "receipt_email": p.receipt_email,
-            "statement_descriptor": p.statement_descriptor,
-            "return_url": p.return_url,
-            "metadata": dict(p.metadata),
-            "client_secret": f"{intent_id}_secret_{secrets.token_urlsafe(18)}",
-            "connector": ctx.router.for_mode(principal.livemode).name,
-            "attempt": 0,
-        }
-        inserted = await conn.execute(_INSERT, values)
-        intent = inserted.mappings().one()
-        await events.record(conn, principal, "payment_intent.created", views.payment_intent(intent))
-        if not p.confirm or pm is None:
-            await rec.finish(conn, intent)
-            return Finished(intent, None)
-        attempt = await authorize.begin(conn, principal, intent, pm, rec)
-    return await authorize.drive(ctx, principal, attempt, rec)
+    intent = _new_intent(ctx, principal, p, amount, currency.code, pm)
+    created = events.record_write(principal, "payment_intent.created", views.payment_intent(intent))
+    if not p.confirm or pm is None:
+        final = rec.finish_offline(intent)
+        if final is None:
+            async with ctx.db.tx() as conn:
+                await _execute(conn, [_insert(intent), created])
+                await rec.finish(conn, intent)
+        else:
+            await ctx.commits.commit([_insert(intent), created, *final.writes])
+            final.committed()
+        return Finished(intent, None)
+    # Created and confirmed at once: the row is written already processing, with the event
+    # showing it as created, and the idempotency key's recovery point in the same commit.
+    key, begun = authorize.begin_values(intent, pm)
+    processing = {**intent, **begun}
+    checkpoint = rec.checkpoint_offline(intent["id"])
+    await ctx.commits.commit([_insert(processing), created, *checkpoint.writes])
+    checkpoint.committed()
+    return await authorize.drive(ctx, principal, authorize.Attempt(intent["id"], key, processing, pm), rec)
+
+
+def _new_intent(
+    ctx: PaymentsContext, principal: Principal, p: IntentCreate, amount: int, currency: str, pm: Row | None
+) -> dict[str, Any]:
+    intent_id = new_id("payment_intent")
+    now = utcnow()
+    return _EMPTY | {
+        "merchant_id": principal.merchant_id,
+        "id": intent_id,
+        "livemode": principal.livemode,
+        "created": now,
+        "updated": now,
+        "amount": amount,
+        "currency": currency,
+        "status": S.REQUIRES_CONFIRMATION if pm is not None else S.REQUIRES_PAYMENT_METHOD,
+        "capture_method": p.capture_method,
+        "confirmation_method": p.confirmation_method,
+        "customer_id": p.customer,
+        "payment_method_id": pm["id"] if pm is not None else None,
+        "amount_capturable": 0,
+        "amount_received": 0,
+        "description": p.description,
+        "receipt_email": p.receipt_email,
+        "statement_descriptor": p.statement_descriptor,
+        "return_url": p.return_url,
+        "metadata": dict(p.metadata),
+        "client_secret": f"{intent_id}_secret_{secrets.token_urlsafe(18)}",
+        "connector": ctx.router.for_mode(principal.livemode).name,
+        "attempt": 0,
+    }
+
+
+def _insert(intent: dict[str, Any]) -> Write:
+    return Write(_INSERT, intent)
+
+
+async def _execute(conn: AsyncConnection, writes: list[Write]) -> None:
+    for write in writes:
+        await conn.execute(write.statement, write.params)
 
 
 async def confirm(

@@ -29,6 +29,7 @@ from strongroom.payments.params import (
 from strongroom.payments.sandbox_aliases import ALIASES
 from strongroom.payments.tables import payment_methods
 from strongroom.payments.tokens import CardFacts, card_columns
+from strongroom.payments.views import Row
 from strongroom.sensitive import Secret
 from strongroom.store.db import utcnow
 from strongroom.store.paging import Page, PageRequest, fetch_page
@@ -142,15 +143,20 @@ async def insert_card_method(
 async def resolve(
     conn: AsyncConnection, vault: CardVault, principal: Principal, pm_id: str, *, param: str = "payment_method"
 ) -> RowMapping:
-    """A payment method referenced by another request; Stripe's test aliases work in test mode."""
-    if not principal.livemode and pm_id in ALIASES:
+    """A payment method referenced by another request; Stripe's test aliases work in test mode
+    (each use stores a new payment method)."""
+    if is_alias(principal, pm_id):
         number = ALIASES[pm_id]
         today = utcnow().date()
         return await _store(conn, vault, principal, Secret(number), None, 12, today.year + 3, None)
     return await load(conn, payment_methods, principal, pm_id, "payment_method", param=param)
 
 
-def card_ref(row: RowMapping) -> CardRef:
+def is_alias(principal: Principal, pm_id: str) -> bool:
+    return not principal.livemode and pm_id in ALIASES
+
+
+def card_ref(row: Row) -> CardRef:
     return CardRef(
         merchant_id=row["merchant_id"],
         token=row["vault_token"],

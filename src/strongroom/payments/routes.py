@@ -18,6 +18,7 @@ from strongroom.payments import charges, expand, intents, refunds, schemas, sett
 from strongroom.payments import params as p
 from strongroom.payments.authorize import Finished
 from strongroom.payments.context import PaymentsContext
+from strongroom.payments.views import Row
 from strongroom.store.paging import Page
 
 router = APIRouter()
@@ -32,8 +33,13 @@ async def _refund_view(conn: AsyncConnection, principal: Principal, row: RowMapp
     return views.refund(row)
 
 
-def one(kind: str, viewer: Viewer, fields: list[str]) -> http.Render:
+def one(
+    kind: str, viewer: Viewer, fields: list[str], offline: Callable[[Row], dict[str, Any]] | None = None
+) -> http.Render:
     checked = expand.check(kind, fields)
+    if offline is not None and not checked:
+        view = offline
+        return http.OfflineRender(lambda row: view(row.intent if isinstance(row, Finished) else row))
 
     async def render(conn: AsyncConnection, principal: Principal, row: Any) -> dict[str, Any]:
         if isinstance(row, Finished):
@@ -70,7 +76,9 @@ async def create_intent(request: Request) -> Response:
     async def op(principal: Principal, params: p.IntentCreate, rec: Recorder) -> Finished:
         return _raise_decline(await intents.create(ctx, principal, params, rec))
 
-    return await http.post(request, p.IntentCreate, op, lambda q: one("payment_intent", _intent_view, q.expand))
+    return await http.post(
+        request, p.IntentCreate, op, lambda q: one("payment_intent", _intent_view, q.expand, views.payment_intent)
+    )
 
 
 @router.get(
@@ -92,7 +100,9 @@ async def retrieve_intent(request: Request, intent_id: str) -> Response:
     async def op(conn: AsyncConnection, principal: Principal, params: p.Retrieve) -> RowMapping:
         return await intents.retrieve(conn, principal, intent_id)
 
-    return await http.get(request, p.Retrieve, op, lambda q: one("payment_intent", _intent_view, q.expand))
+    return await http.get(
+        request, p.Retrieve, op, lambda q: one("payment_intent", _intent_view, q.expand, views.payment_intent)
+    )
 
 
 IntentAction = Callable[[PaymentsContext, Principal, str, Any, Recorder], Awaitable[Finished | RowMapping]]
@@ -108,7 +118,9 @@ def _intent_action(suffix: str, model: type[p.Params], action: IntentAction, nam
             result = await action(ctx, principal, intent_id, params, rec)
             return _raise_decline(result) if isinstance(result, Finished) else result
 
-        return await http.post(request, model, op, lambda q: one("payment_intent", _intent_view, q.expand))
+        return await http.post(
+            request, model, op, lambda q: one("payment_intent", _intent_view, q.expand, views.payment_intent)
+        )
 
     router.add_api_route(
         f"/v1/payment_intents/{{intent_id}}{suffix}",

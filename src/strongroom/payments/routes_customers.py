@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from strongroom.api import http, openapi
 from strongroom.auth.models import Principal
-from strongroom.idempotency.service import NULL_RECORDER, Recorder
+from strongroom.idempotency.service import NO_FINISH, NULL_RECORDER, Finish, Recorder
 from strongroom.payments import customers, methods, schemas, views
 from strongroom.payments import params as p
 from strongroom.payments.routes import many, one
@@ -66,8 +66,14 @@ class _Deferred:
     async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None:
         return None
 
+    def checkpoint_offline(self, resource_id: str) -> Finish:
+        return NO_FINISH
+
     async def finish(self, conn: AsyncConnection, result: object) -> None:
         return None
+
+    def finish_offline(self, result: object) -> Finish | None:
+        return NO_FINISH
 
 
 @router.get(

@@ -30,6 +30,7 @@ from strongroom.payments.context import PaymentsContext, load
 from strongroom.payments.models import IntentStatus, Operation, check_allowed
 from strongroom.payments.params import IntentCancel, IntentCapture
 from strongroom.payments.tables import payment_intents, payment_methods
+from strongroom.payments.views import Row
 from strongroom.store.db import utcnow
 
 S = IntentStatus
@@ -235,9 +236,7 @@ def _recorded_decline(intent: RowMapping) -> CardError | None:
     return error
 
 
-async def authenticate(
-    ctx: PaymentsContext, merchant_id: str, intent_id: str, token: str, succeeded: bool
-) -> RowMapping:
+async def authenticate(ctx: PaymentsContext, merchant_id: str, intent_id: str, token: str, succeeded: bool) -> Row:
     """The customer's 3-D Secure result (sandbox): on success the same intent is authorized again
     with the authentication attached; on failure it goes back to requires_payment_method."""
     principal = Principal(merchant_id=merchant_id, livemode=False, key_id="3ds")

@@ -6,16 +6,17 @@ Only brand, BIN, last4, expiry, funding and a keyed fingerprint of a card are ev
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
-
-from sqlalchemy.engine import RowMapping
 
 from strongroom.store.db import epoch_s
 
 ts = epoch_s
+# A row as read (RowMapping) or as built before it is written (a dict with every column).
+Row = Mapping[Any, Any]
 
 
-def customer(row: RowMapping) -> dict[str, Any]:
+def customer(row: Row) -> dict[str, Any]:
     if row["deleted"]:
         return {"id": row["id"], "object": "customer", "deleted": True}
     return {
@@ -36,7 +37,7 @@ def customer(row: RowMapping) -> dict[str, Any]:
     }
 
 
-def payment_method(row: RowMapping) -> dict[str, Any]:
+def payment_method(row: Row) -> dict[str, Any]:
     return {
         "id": row["id"],
         "object": "payment_method",
@@ -50,7 +51,7 @@ def payment_method(row: RowMapping) -> dict[str, Any]:
     }
 
 
-def card_details(row: RowMapping) -> dict[str, Any]:
+def card_details(row: Row) -> dict[str, Any]:
     return {
         "brand": row["card_brand"],
         "iin": row["card_bin"],
@@ -64,7 +65,7 @@ def card_details(row: RowMapping) -> dict[str, Any]:
     }
 
 
-def payment_intent(row: RowMapping) -> dict[str, Any]:
+def payment_intent(row: Row) -> dict[str, Any]:
     return {
         "id": row["id"],
         "object": "payment_intent",
@@ -93,7 +94,7 @@ def payment_intent(row: RowMapping) -> dict[str, Any]:
     }
 
 
-def charge(row: RowMapping, card: RowMapping | None = None) -> dict[str, Any]:
+def charge(row: Row, card: Row | None = None) -> dict[str, Any]:
     return {
         "id": row["id"],
         "object": "charge",
@@ -118,7 +119,7 @@ def charge(row: RowMapping, card: RowMapping | None = None) -> dict[str, Any]:
     }
 
 
-def refund(row: RowMapping) -> dict[str, Any]:
+def refund(row: Row) -> dict[str, Any]:
     return {
         "id": row["id"],
         "object": "refund",

@@ -35,6 +35,7 @@ from strongroom.ids import random_part
 from strongroom.redact import redact
 from strongroom.sensitive import Secret
 from strongroom.store.db import Database, utcnow
+from strongroom.store.group import GroupCommit, Write
 from strongroom.vault.relay_tables import vault_relay_audit
 from strongroom.vault.service import Vault
 
@@ -130,9 +131,11 @@ class Relay:
         *,
         timeout_s: float,
         local_apps: Mapping[str, AsgiApp] | None = None,
+        group_commit_max: int = 64,
     ) -> None:
         self._vault = vault
         self._db = db
+        self._commits = GroupCommit(db, max_batch=group_commit_max, max_writers=1)
         self._allowlist = allowlist
         self._timeout_s = timeout_s
         # Local test processors reached in-process (an ASGI app, no network); all else over TLS.
@@ -207,22 +210,27 @@ class Relay:
         outcome: str,
         status_code: int | None,
     ) -> None:
-        async with self._db.single() as conn:  # one append-only row, durable on its own
-            await conn.execute(
-                _INSERT_AUDIT,
-                {
-                    "merchant_id": merchant_id,
-                    "id": "rly_" + random_part(),
-                    "created": utcnow(),
-                    "actor": actor,
-                    "token": token,
-                    "destination": destination,
-                    "method": method.upper()[:10],
-                    "path": path,
-                    "outcome": outcome,
-                    "status_code": status_code,
-                },
-            )
+        # One append-only row, durable before the answer is returned; committed together with
+        # other requests' rows (store.group).
+        await self._commits.commit(
+            [
+                Write(
+                    _INSERT_AUDIT,
+                    {
+                        "merchant_id": merchant_id,
+                        "id": "rly_" + random_part(),
+                        "created": utcnow(),
+                        "actor": actor,
+                        "token": token,
+                        "destination": destination,
+                        "method": method.upper()[:10],
+                        "path": path,
+                        "outcome": outcome,
+                        "status_code": status_code,
+                    },
+                )
+            ]
+        )
 
 
 AsgiApp = Callable[

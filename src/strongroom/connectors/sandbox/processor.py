@@ -13,6 +13,7 @@ errors, record nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -23,6 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from strongroom.connectors.base import (
@@ -37,11 +39,13 @@ from strongroom.connectors.sandbox import cards
 from strongroom.connectors.sandbox.tables import sandbox_charges, sandbox_operations
 from strongroom.ids import random_part
 from strongroom.store.db import Database, as_utc, insert_ignore, utcnow
+from strongroom.store.group import GroupCommit, Write
 
 IDEMPOTENCY_KEY_MAX_CHARS = 255  # Stripe's limit for Idempotency-Key
 AMOUNT_MAX_MINOR = 2**63 - 1  # the BIGINT column's range
 LIST_LIMIT_MAX = 1000
 _INSERT_CHARGE = sandbox_charges.insert()  # built once: it is on every payment's path
+_INSERT_OPERATION = sandbox_operations.insert()
 
 
 class OperationKind(StrEnum):
@@ -100,8 +104,9 @@ class SandboxCharge:
 
 
 class SandboxProcessor:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, group_commit_max: int = 64) -> None:
         self._db = db
+        self._commits = GroupCommit(db, max_batch=group_commit_max, max_writers=1)
 
     async def authorize(
         self,
@@ -134,6 +139,16 @@ class SandboxProcessor:
         ref = _new_ref("ch")
         row = _operation_row(idempotency_key, OperationKind.AUTHORIZE, merchant_id, request, ref=ref, charge_ref=ref)
         row |= _outcome_fields(outcome, decline, amount_minor, currency)
+        if authentication is None:
+            # A new key (nearly every call) is recorded with other calls' in one commit; a key
+            # used before fails that insert alone and takes the full path below.
+            operation = _operation_from(row)
+            writes = [Write(_INSERT_OPERATION, row)]
+            if operation.outcome in (Outcome.AUTHORIZED, Outcome.CAPTURED):
+                writes.append(Write(_INSERT_CHARGE, _charge_row(operation, card)))
+            with contextlib.suppress(sa_exc.IntegrityError):
+                await self._commits.commit(writes)
+                return _raise_if_declined(operation)
         async with self._db.tx() as conn:
             operation = await self._record_authorization(conn, row, card, authentication)
         return _raise_if_declined(operation)
@@ -455,24 +470,25 @@ async def _load_operation(conn: AsyncConnection, key: str) -> SandboxOperation |
 
 
 async def _insert_charge(conn: AsyncConnection, operation: SandboxOperation, card: CardRef) -> None:
+    await conn.execute(_INSERT_CHARGE, _charge_row(operation, card))
+
+
+def _charge_row(operation: SandboxOperation, card: CardRef) -> dict[str, Any]:
     captured = operation.outcome is Outcome.CAPTURED
-    await conn.execute(
-        _INSERT_CHARGE,
-        {
-            "processor_ref": operation.charge_ref,
-            "merchant_id": operation.merchant_id,
-            "idempotency_key": operation.idempotency_key,
-            "status": (ChargeStatus.CAPTURED if captured else ChargeStatus.AUTHORIZED).value,
-            "amount_minor": operation.amount_minor,
-            "captured_minor": operation.amount_minor if captured else 0,
-            "refunded_minor": 0,
-            "currency": operation.currency,
-            "card_brand": card.brand,
-            "card_last4": card.last4,
-            "created_at": operation.created_at,
-            "updated_at": operation.created_at,
-        },
-    )
+    return {
+        "processor_ref": operation.charge_ref,
+        "merchant_id": operation.merchant_id,
+        "idempotency_key": operation.idempotency_key,
+        "status": (ChargeStatus.CAPTURED if captured else ChargeStatus.AUTHORIZED).value,
+        "amount_minor": operation.amount_minor,
+        "captured_minor": operation.amount_minor if captured else 0,
+        "refunded_minor": 0,
+        "currency": operation.currency,
+        "card_brand": card.brand,
+        "card_last4": card.last4,
+        "created_at": operation.created_at,
+        "updated_at": operation.created_at,
+    }
 
 
 async def _lock_charge(conn: AsyncConnection, charge_ref: str) -> SandboxCharge:

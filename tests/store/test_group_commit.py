@@ -1,0 +1,121 @@
+"""Group commit (store.group): concurrent requests' final writes share transactions, and each
+request's writes still commit all together or not at all, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+
+from strongroom.events.tables import events
+from strongroom.store.db import Database
+from strongroom.store.group import GroupCommit, Guard, Write
+
+_INSERT = events.insert()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(database_url)
+    yield database
+    await database.dispose()
+
+
+def _event(merchant_id: str, event_id: str, type_: str = "test.grouped") -> Write:
+    return Write(
+        _INSERT,
+        {
+            "merchant_id": merchant_id,
+            "id": event_id,
+            "livemode": False,
+            "created": dt.datetime.now(dt.UTC),
+            "type": type_,
+            "object_id": "obj_1",
+            "data": {"object": {"id": "obj_1"}},
+        },
+    )
+
+
+async def _ids(db: Database, merchant_id: str) -> set[str]:
+    async with db.read() as conn:
+        rows = await conn.execute(sa.select(events.c.id).where(events.c.merchant_id == merchant_id))
+        return {r.id for r in rows}
+
+
+def _count_commits(db: Database) -> list[int]:
+    commits = [0]
+
+    @event.listens_for(db.engine.sync_engine, "commit")
+    def _on_commit(conn: Any) -> None:
+        commits[0] += 1
+
+    return commits
+
+
+async def test_concurrent_units_share_transactions_and_every_write_commits(db: Database) -> None:
+    merchant = "acct_" + secrets.token_hex(6)
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+    commits = _count_commits(db)
+    units = [[_event(merchant, f"evt_{n}_a"), _event(merchant, f"evt_{n}_b")] for n in range(30)]
+
+    results = await asyncio.gather(*(group.commit(writes) for writes in units))
+
+    assert results == [True] * 30
+    assert await _ids(db, merchant) == {f"evt_{n}_{s}" for n in range(30) for s in "ab"}
+    # The first unit starts a transaction alone; the 29 that arrive meanwhile share the next ones.
+    assert commits[0] < 30
+
+
+async def test_a_failing_unit_fails_alone_and_writes_nothing_while_the_others_commit(db: Database) -> None:
+    merchant = "acct_" + secrets.token_hex(6)
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+    assert await group.commit([_event(merchant, "evt_taken")])
+    units = [[_event(merchant, f"evt_{n}"), _event(merchant, f"evt_{n}_second")] for n in range(9)]
+    # Its second write collides with an existing row: its first write must not survive either.
+    bad = [_event(merchant, "evt_bad_first"), _event(merchant, "evt_taken")]
+
+    results = await asyncio.gather(*(group.commit(w) for w in [*units[:5], bad, *units[5:]]), return_exceptions=True)
+
+    assert isinstance(results[5], sa_exc.IntegrityError)
+    assert [r for n, r in enumerate(results) if n != 5] == [True] * 9
+    expected = {"evt_taken"} | {f"evt_{n}" for n in range(9)} | {f"evt_{n}_second" for n in range(9)}
+    assert await _ids(db, merchant) == expected
+
+
+async def test_a_unit_whose_guard_no_longer_holds_writes_nothing(db: Database) -> None:
+    merchant = "acct_" + secrets.token_hex(6)
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+    assert await group.commit([_event(merchant, "evt_state", type_="state.a")])
+
+    def guard(expected_type: str) -> Guard:
+        return Guard(events, merchant, False, "evt_state", {"type": expected_type})
+
+    held, stale, missing = await asyncio.gather(
+        group.commit([_event(merchant, "evt_held")], guard("state.a")),
+        group.commit([_event(merchant, "evt_stale")], guard("state.b")),
+        group.commit(
+            [_event(merchant, "evt_missing")], Guard(events, merchant, False, "evt_nowhere", {"type": "state.a"})
+        ),
+    )
+
+    assert (held, stale, missing) == (True, False, False)
+    assert await _ids(db, merchant) == {"evt_state", "evt_held"}
+
+
+async def test_batches_never_exceed_their_bound(db: Database) -> None:
+    merchant = "acct_" + secrets.token_hex(6)
+    group = GroupCommit(db, max_batch=4, max_writers=1)
+    commits = _count_commits(db)
+
+    await asyncio.gather(*(group.commit([_event(merchant, f"evt_{n}")]) for n in range(17)))
+
+    assert len(await _ids(db, merchant)) == 17
+    # 1 alone, then 16 queued in batches of at most 4.
+    assert commits[0] >= 5
