@@ -147,6 +147,10 @@ def _run_server(
         log_config=redact.with_redaction(uvicorn.config.LOGGING_CONFIG),
         access_log=False,
         server_header=False,
+        # Longer than clients keep idle connections (httpx: 5 s, uvicorn's own default): a server
+        # that closes an idle connection just as the client reuses it makes the client see a reset
+        # with no answer (seen once in a 10x surge). nginx's default, 75 s.
+        timeout_keep_alive=75,
         # Pickled into each spawned worker; it builds our TLS context, not uvicorn's default one.
         ssl_context_factory=tls.uvicorn_factory(policy) if policy is not None else None,
     )

@@ -205,36 +205,66 @@ async def claim(
     async with db.single() as conn:
         if (await conn.execute(insert_ignore(conn, keys), new_row)).rowcount == 1:
             return fresh
-    async with db.tx() as conn:
-        inserted = await conn.execute(insert_ignore(conn, keys), new_row)
-        if inserted.rowcount == 1:
-            return fresh
-        query = sa.select(keys).where(fresh._where())
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        row = (await conn.execute(query)).one()
-        if as_utc(row.created) < now - dt.timedelta(seconds=ttl_s):
-            await _restart(conn, fresh, fp, method, path, now)
-            return fresh
-        if row.fingerprint != fp:
-            raise IdempotencyError(
-                "Keys for idempotent requests can only be used with the same parameters they were "
-                "first used with. Try using a key other than '" + key + "' if you meant to execute "
-                "a different request.",
-                code="idempotency_key_in_use",
-            )
-        if row.response_status is not None:
-            return Replay(status=row.response_status, body=bytes(row.response_body))
-        if row.locked_at is not None and as_utc(row.locked_at) > now - dt.timedelta(seconds=lock_timeout_s):
-            raise IdempotencyConflict(
-                "There is currently another in-progress request using this Idempotent Key (that "
-                "probably means you submitted twice, and the other request is still going through): "
-                + key
-                + ". Please try again later.",
-                code="idempotency_key_in_use",
-            )
-        await conn.execute(keys.update().where(fresh._where()).values(locked_at=now))
-        return Claim(principal.merchant_id, principal.livemode, key, resume_id=row.resource_id, recovered=True)
+    for _ in range(_CLAIM_ATTEMPTS):
+        async with db.tx() as conn:
+            inserted = await conn.execute(insert_ignore(conn, keys), new_row)
+            if inserted.rowcount == 1:
+                return fresh
+            query = sa.select(keys).where(fresh._where())
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            row = (await conn.execute(query)).first()
+            if row is None:
+                # Gone between the two statements: the request holding it was refused and
+                # released it (Claim.release). The key is free: claim it again.
+                continue
+            return await _judge(conn, fresh, row, fp, method, path, now, lock_timeout_s=lock_timeout_s, ttl_s=ttl_s)
+    raise _in_progress(key)
+
+
+# A key released again and again between our insert and our read is still being fought over.
+_CLAIM_ATTEMPTS = 3
+
+
+async def _judge(
+    conn: AsyncConnection,
+    fresh: Claim,
+    row: Any,
+    fp: bytes,
+    method: str,
+    path: str,
+    now: dt.datetime,
+    *,
+    lock_timeout_s: float,
+    ttl_s: float,
+) -> Replay | Claim:
+    """An earlier request's record of this key (locked): replay it, refuse, or take it over."""
+    if as_utc(row.created) < now - dt.timedelta(seconds=ttl_s):
+        await _restart(conn, fresh, fp, method, path, now)
+        return fresh
+    if row.fingerprint != fp:
+        raise IdempotencyError(
+            "Keys for idempotent requests can only be used with the same parameters they were "
+            "first used with. Try using a key other than '" + fresh.key + "' if you meant to execute "
+            "a different request.",
+            code="idempotency_key_in_use",
+        )
+    if row.response_status is not None:
+        return Replay(status=row.response_status, body=bytes(row.response_body))
+    if row.locked_at is not None and as_utc(row.locked_at) > now - dt.timedelta(seconds=lock_timeout_s):
+        raise _in_progress(fresh.key)
+    await conn.execute(keys.update().where(fresh._where()).values(locked_at=now))
+    return Claim(fresh.merchant_id, fresh.livemode, fresh.key, resume_id=row.resource_id, recovered=True)
+
+
+def _in_progress(key: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        "There is currently another in-progress request using this Idempotent Key (that "
+        "probably means you submitted twice, and the other request is still going through): "
+        + key
+        + ". Please try again later.",
+        code="idempotency_key_in_use",
+    )
 
 
 async def _restart(conn: AsyncConnection, claim_: Claim, fp: bytes, method: str, path: str, now: dt.datetime) -> None:
