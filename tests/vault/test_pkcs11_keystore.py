@@ -23,7 +23,7 @@ from pkcs11.exceptions import PKCS11Error, UserAlreadyLoggedIn
 from strongroom.sensitive import Secret
 from strongroom.settings import Settings
 from strongroom.store.db import as_utc
-from strongroom.vault.keystore import DevelopmentKeystore, open_keystore
+from strongroom.vault.keystore import DevelopmentKeystore, KeyMissing, VaultIntegrityError, open_keystore
 from strongroom.vault.pkcs11 import FINGERPRINT_LABEL, Pkcs11Keystore
 from strongroom.vault.service import aad
 from strongroom.vault.tables import vault_cards, vault_keks, vault_keys
@@ -181,3 +181,26 @@ def test_development_keystore_files_are_0600_and_every_start_warns(tmp_path: Pat
 def test_pkcs11_keystore_refuses_a_wrong_pin(softhsm: SoftHsm, hsm_token: str):
     with pytest.raises(PKCS11Error):
         Pkcs11Keystore(softhsm.module, hsm_token, Secret("not-the-pin"))
+
+
+def test_p7_a_kek_destroyed_by_another_session_is_missing_not_tampering(softhsm, hsm_token):
+    """The api caches its KEK handles while a rotation job's keystore (its own session) destroys
+    old versions: the api must then report the key as missing (a key-management state) and never
+    as an integrity failure, which pages someone for tampering. Later versions keep working."""
+    api = Pkcs11Keystore(softhsm.module, hsm_token, Secret(USER_PIN))
+    job = Pkcs11Keystore(softhsm.module, hsm_token, Secret(USER_PIN))
+    try:
+        api.create_kek(1)
+        dek, wrapped_v1 = api.new_dek(1)
+        assert api.unwrap(1, wrapped_v1).reveal() == dek.reveal()  # the v1 handle is now cached
+        job.create_kek(2)
+        wrapped_v2 = job.wrap(2, dek)
+        job.destroy_kek(1)
+        with pytest.raises(KeyMissing):
+            api.unwrap(1, wrapped_v1)
+        assert api.unwrap(2, wrapped_v2).reveal() == dek.reveal()
+        with pytest.raises(VaultIntegrityError):
+            api.unwrap(2, wrapped_v2[:-1] + bytes([wrapped_v2[-1] ^ 1]))  # tampering is still caught
+    finally:
+        job.close()
+        api.close()

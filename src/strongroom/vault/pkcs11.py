@@ -170,22 +170,32 @@ class Pkcs11Keystore:
         return self._locked(wrap)
 
     def unwrap(self, kek_version: int, wrapped: bytes) -> Secret[bytes]:
+        def attempt() -> Any:
+            return self._kek(kek_version).unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.AES,
+                wrapped,
+                mechanism=WRAP,
+                store=False,
+                capabilities=MechanismFlag(0),
+                template=_DEK_TEMPLATE,
+            )
+
         def unwrap() -> Secret[bytes]:
-            kek = self._kek(kek_version)
             try:
-                obj = kek.unwrap_key(
-                    ObjectClass.SECRET_KEY,
-                    KeyType.AES,
-                    wrapped,
-                    mechanism=WRAP,
-                    store=False,
-                    capabilities=MechanismFlag(0),
-                    template=_DEK_TEMPLATE,
-                )
+                obj = attempt()
             except PKCS11Error:
-                # RFC 5649's integrity check failed (SoftHSM2 reports CKR_GENERAL_ERROR or
-                # CKR_WRAPPED_KEY_INVALID): a modified wrapped key, or one wrapped by another KEK.
-                raise VaultIntegrityError() from None
+                # The KEK's handle is cached; another session (a rotation job's keystore) that
+                # created or destroyed token objects can leave it invalid in this one. Look the
+                # KEK up again once: a destroyed KEK is then KeyMissing, not an integrity failure
+                # (seen as a spurious "wrapped_dek" alarm under rotation with payments running).
+                self._keks.pop(kek_version, None)
+                try:
+                    obj = attempt()
+                except PKCS11Error:
+                    # RFC 5649's integrity check failed (SoftHSM2 reports CKR_GENERAL_ERROR or
+                    # CKR_WRAPPED_KEY_INVALID): a modified wrapped key, or one wrapped by another KEK.
+                    raise VaultIntegrityError() from None
             try:
                 value = bytes(obj[Attribute.VALUE])
             finally:
