@@ -75,7 +75,7 @@ def key_hasher(settings: Settings) -> KeyHasher:
 
 
 def build_services(settings: Settings, db: Database, public_url: str) -> Services:
-    sandbox = SandboxProcessor(db)
+    sandbox = SandboxProcessor(db, group_commit_max=settings.database.group_commit_max)
     vault, relay = _vault_and_relay(settings, db, sandbox)
     router = Router(sandbox=SandboxConnector(sandbox, relay, url=settings.payments.sandbox_url))
     payments = PaymentsContext(
@@ -120,6 +120,7 @@ def _vault_and_relay(settings: Settings, db: Database, sandbox: SandboxProcessor
         Allowlist(settings.vault.relay_allowlist, local_test_origins=[SANDBOX_ORIGIN]),
         timeout_s=settings.payments.processor_timeout_s,
         local_apps={SANDBOX_ORIGIN: SandboxHttp(sandbox)},
+        group_commit_max=settings.database.group_commit_max,
     )
     return vault, relay
 

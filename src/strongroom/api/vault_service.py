@@ -67,6 +67,7 @@ class _Vault:
             self.db,
             Allowlist(settings.vault.relay_allowlist, local_test_origins=settings.vault.relay_local_test_origins),
             timeout_s=settings.payments.processor_timeout_s,
+            group_commit_max=settings.database.group_commit_max,
         )
         self.verifier = Verifier(Secret(settings.vault.service_secret.get_secret_value().encode()))
 

@@ -12,6 +12,7 @@ from strongroom.auth.models import Principal
 from strongroom.errors import ResourceMissing
 from strongroom.events.tables import events
 from strongroom.ids import new_id
+from strongroom.store import group
 from strongroom.store.db import epoch_s, utcnow
 from strongroom.store.group import Write
 from strongroom.store.paging import Page, PageRequest, fetch_page
@@ -39,7 +40,7 @@ def record_write(principal: Principal, type_: str, obj: dict[str, Any]) -> Write
 
 async def record(conn: AsyncConnection, principal: Principal, type_: str, obj: dict[str, Any]) -> str:
     write = record_write(principal, type_, obj)
-    await conn.execute(write.statement, write.params)
+    await group.execute(conn, [write])
     event_id: str = write.params["id"]
     return event_id
 

@@ -35,6 +35,7 @@ from strongroom.payments.context import PaymentsContext, load, update_owned, upd
 from strongroom.payments.models import DECLINE_MESSAGES, DECLINE_TOP_CODES, IntentStatus
 from strongroom.payments.tables import payment_intents, payment_methods
 from strongroom.payments.views import Row
+from strongroom.store import group
 from strongroom.store.db import as_utc, utcnow
 from strongroom.store.group import Guard, Write
 
@@ -183,8 +184,7 @@ async def _succeed(
         await events.record(conn, principal, "payment_intent.requires_action", views.payment_intent(intent))
         return intent
     plan = _success_plan(principal, intent, pm, auth)
-    for write in plan.writes:
-        await conn.execute(write.statement, write.params)
+    await group.execute(conn, plan.writes)
     return plan.intent
 
 

@@ -21,6 +21,7 @@ from strongroom.payments.models import IntentStatus, Operation, check_allowed
 from strongroom.payments.params import IntentConfirm, IntentCreate, IntentList, IntentUpdate
 from strongroom.payments.tables import payment_intents
 from strongroom.payments.views import Row
+from strongroom.store import group
 from strongroom.store.db import utcnow
 from strongroom.store.group import Write
 from strongroom.store.paging import Page, PageRequest, fetch_page
@@ -64,7 +65,7 @@ async def create(ctx: PaymentsContext, principal: Principal, p: IntentCreate, re
         final = rec.finish_offline(intent)
         if final is None:
             async with ctx.db.tx() as conn:
-                await _execute(conn, [_insert(intent), created])
+                await group.execute(conn, [_insert(intent), created])
                 await rec.finish(conn, intent)
         else:
             await ctx.commits.commit([_insert(intent), created, *final.writes])
@@ -113,11 +114,6 @@ def _new_intent(
 
 def _insert(intent: dict[str, Any]) -> Write:
     return Write(_INSERT, intent)
-
-
-async def _execute(conn: AsyncConnection, writes: list[Write]) -> None:
-    for write in writes:
-        await conn.execute(write.statement, write.params)
 
 
 async def confirm(

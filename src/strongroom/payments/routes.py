@@ -59,6 +59,11 @@ def many(kind: str, viewer: Viewer, url: str, fields: list[str]) -> http.Render:
     return render
 
 
+def _intent_render(params: Any) -> http.Render:
+    """A payment intent; stored with the service's final writes when nothing is expanded."""
+    return one("payment_intent", _intent_view, params.expand, views.payment_intent)
+
+
 def _raise_decline(finished: Finished) -> Finished:
     if finished.error is not None:
         raise finished.error
@@ -76,9 +81,7 @@ async def create_intent(request: Request) -> Response:
     async def op(principal: Principal, params: p.IntentCreate, rec: Recorder) -> Finished:
         return _raise_decline(await intents.create(ctx, principal, params, rec))
 
-    return await http.post(
-        request, p.IntentCreate, op, lambda q: one("payment_intent", _intent_view, q.expand, views.payment_intent)
-    )
+    return await http.post(request, p.IntentCreate, op, _intent_render)
 
 
 @router.get(
@@ -100,9 +103,7 @@ async def retrieve_intent(request: Request, intent_id: str) -> Response:
     async def op(conn: AsyncConnection, principal: Principal, params: p.Retrieve) -> RowMapping:
         return await intents.retrieve(conn, principal, intent_id)
 
-    return await http.get(
-        request, p.Retrieve, op, lambda q: one("payment_intent", _intent_view, q.expand, views.payment_intent)
-    )
+    return await http.get(request, p.Retrieve, op, _intent_render)
 
 
 IntentAction = Callable[[PaymentsContext, Principal, str, Any, Recorder], Awaitable[Finished | RowMapping]]
@@ -118,9 +119,7 @@ def _intent_action(suffix: str, model: type[p.Params], action: IntentAction, nam
             result = await action(ctx, principal, intent_id, params, rec)
             return _raise_decline(result) if isinstance(result, Finished) else result
 
-        return await http.post(
-            request, model, op, lambda q: one("payment_intent", _intent_view, q.expand, views.payment_intent)
-        )
+        return await http.post(request, model, op, _intent_render)
 
     router.add_api_route(
         f"/v1/payment_intents/{{intent_id}}{suffix}",

@@ -66,6 +66,12 @@ class _Lane:
     writers: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+async def execute(conn: AsyncConnection, writes: Sequence[Write]) -> None:
+    """The writes one after another in the caller's transaction (the one-by-one path)."""
+    for write in writes:
+        await conn.execute(write.statement, write.params)
+
+
 class GroupCommit:
     def __init__(self, db: Database, *, max_batch: int, max_writers: int) -> None:
         self._db = db
