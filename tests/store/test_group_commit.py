@@ -15,6 +15,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
 from strongroom.events.tables import events
+from strongroom.store import group as group_module
 from strongroom.store.db import Database
 from strongroom.store.group import GroupCommit, Guard, Write
 
@@ -119,3 +120,30 @@ async def test_batches_never_exceed_their_bound(db: Database) -> None:
     assert len(await _ids(db, merchant)) == 17
     # 1 alone, then 16 queued in batches of at most 4.
     assert commits[0] >= 5
+
+
+async def test_a_unit_queued_as_the_writer_finishes_is_still_written(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that reaches `commit` in the same loop iteration in which the writer found its
+    queue empty must get a writer of its own. The writer's task is finished by then, but its
+    done-callbacks (which removed it from the lane) had not run yet, so the new unit waited for the
+    NEXT request to start a writer, and when requests come in rounds there is none (seen on the
+    benchmark: a request in a few hundred hung for good; 335 such moments in a 10 s run)."""
+    merchant = "acct_" + secrets.token_hex(6)
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+    later: list[asyncio.Task[bool]] = []
+    real_settle = group_module._settle
+
+    def settle_then_another_arrives(unit: Any, ok: bool) -> None:
+        real_settle(unit, ok)
+        if not later:
+            # Scheduled now, so it runs right after the writer's current step ends: after the
+            # writer has left its loop, before the writer task's done-callbacks.
+            later.append(asyncio.get_running_loop().create_task(group.commit([_event(merchant, "evt_second")])))
+
+    monkeypatch.setattr(group_module, "_settle", settle_then_another_arrives)
+
+    assert await group.commit([_event(merchant, "evt_first")])
+    assert await asyncio.wait_for(later[0], timeout=10)
+    assert await _ids(db, merchant) == {"evt_first", "evt_second"}

@@ -87,9 +87,7 @@ class GroupCommit:
         unit = Unit(writes, guard)
         lane.queue.append(unit)
         if len(lane.writers) < self._max_writers:
-            writer = loop.create_task(self._drain(lane))
-            lane.writers.add(writer)
-            writer.add_done_callback(lane.writers.discard)
+            lane.writers.add(loop.create_task(self._drain(lane)))
         # Shielded: a request cancelled while waiting must not cancel the batch of the others.
         return await asyncio.shield(unit.done)
 
@@ -114,6 +112,13 @@ class GroupCommit:
                 unit.done.cancel()
             lane.queue = []
             raise
+        finally:
+            # Leave the lane in the same step that found the queue empty (no await in between).
+            # A done-callback would run only later: a unit queued in between saw this finished
+            # writer still counted, started none, and waited for the next request to start one.
+            task = asyncio.current_task()
+            if task is not None:
+                lane.writers.discard(task)
 
     async def _one_by_one(self, batch: list[Unit]) -> None:
         for unit in batch:
