@@ -202,12 +202,11 @@ async def claim(
     }
     # A new key (nearly every request) is claimed by one autocommitted statement; only a key
     # seen before needs the locking read below.
-    async with db.single() as conn:
-        if (await conn.execute(insert_ignore(conn, keys), new_row)).rowcount == 1:
-            return fresh
+    if await db.execute_one(insert_ignore(db.engine.dialect.name, keys), new_row) == 1:
+        return fresh
     for _ in range(_CLAIM_ATTEMPTS):
         async with db.tx() as conn:
-            inserted = await conn.execute(insert_ignore(conn, keys), new_row)
+            inserted = await conn.execute(insert_ignore(conn.dialect.name, keys), new_row)
             if inserted.rowcount == 1:
                 return fresh
             query = sa.select(keys).where(fresh._where())

@@ -64,6 +64,16 @@ async def update_owned(
     return row
 
 
+async def load_one(
+    db: Database, table: sa.Table, principal: Principal, object_id: str, kind: str, *, param: str | None = "id"
+) -> dict[str, Any]:
+    """`load` as one statement on its own, for a read that needs no transaction around it."""
+    row = await db.fetch_one(_select_one(table, False), _key(principal, object_id))
+    if row is None:
+        raise ResourceMissing(kind, object_id, param=param)
+    return row
+
+
 def update_write(table: sa.Table, principal: Principal, object_id: str, values: dict[str, Any]) -> Write:
     """`update_owned` without RETURNING, for a caller that writes it with others (store.group)."""
     return Write(_update_plain(table), {**values, **_key(principal, object_id)})

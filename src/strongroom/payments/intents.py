@@ -16,10 +16,10 @@ from strongroom.ids import new_id
 from strongroom.money import get_currency, parse_amount
 from strongroom.payments import authorize, customers, methods, settle, views
 from strongroom.payments.authorize import Finished
-from strongroom.payments.context import PaymentsContext, load, owned
+from strongroom.payments.context import PaymentsContext, load, load_one, owned
 from strongroom.payments.models import IntentStatus, Operation, check_allowed
 from strongroom.payments.params import IntentConfirm, IntentCreate, IntentList, IntentUpdate
-from strongroom.payments.tables import payment_intents
+from strongroom.payments.tables import payment_intents, payment_methods
 from strongroom.payments.views import Row
 from strongroom.store import group
 from strongroom.store.db import utcnow
@@ -55,10 +55,17 @@ async def create(ctx: PaymentsContext, principal: Principal, p: IntentCreate, re
     # What the intent refers to is read first; its own writes then commit with other requests'
     # (store.group). A test alias stores a new payment method: that needs a transaction.
     alias = p.payment_method is not None and methods.is_alias(principal, p.payment_method)
-    async with ctx.db.tx() if alias else ctx.db.single() as conn:
-        if p.customer is not None:
-            await customers.live(conn, principal, p.customer)
-        pm = await methods.resolve(conn, ctx.vault, principal, p.payment_method) if p.payment_method else None
+    pm: Row | None = None
+    if alias or p.customer is not None:
+        async with ctx.db.tx() if alias else ctx.db.single() as conn:
+            if p.customer is not None:
+                await customers.live(conn, principal, p.customer)
+            pm = await methods.resolve(conn, ctx.vault, principal, p.payment_method) if p.payment_method else None
+    elif p.payment_method is not None:
+        # The common case, one lookup by key: one statement on its own (store.pg on PostgreSQL).
+        pm = await load_one(
+            ctx.db, payment_methods, principal, p.payment_method, "payment_method", param="payment_method"
+        )
     intent = _new_intent(ctx, principal, p, amount, currency.code, pm)
     created = events.record_write(principal, "payment_intent.created", views.payment_intent(intent))
     if not p.confirm or pm is None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,7 +36,15 @@ def sqlite_url_for(path: str) -> str:
 class Database:
     """Owns the engine. One transaction per unit of work: `async with db.tx() as conn`."""
 
-    def __init__(self, url: str, *, pool_size: int = 20, pool_timeout_s: float = 30.0, echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 20,
+        pool_timeout_s: float = 30.0,
+        raw_pool_size: int = 10,
+        echo: bool = False,
+    ) -> None:
         parsed = make_url(url)
         self.url = url
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
@@ -56,6 +66,12 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine)
+        self._raw_pool_size = raw_pool_size
+        self._pool_timeout_s = pool_timeout_s
+        # asyncpg pools belong to the event loop that made them.
+        self._raw_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def dialect(self) -> str:
@@ -86,8 +102,82 @@ class Database:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
 
+    @asynccontextmanager
+    async def raw(self) -> AsyncIterator[Any]:
+        """PostgreSQL only: an asyncpg connection, from a small pool kept beside SQLAlchemy's, for
+        the hot statements compiled once by store.pg. Checking a connection out of
+        SQLAlchemy's pool and running one statement through it cost about 250 µs of CPU; here
+        about 40 µs (measured on this machine)."""
+        loop = asyncio.get_running_loop()
+        creating = self._raw_pools.get(loop)
+        if creating is None:
+            creating = loop.create_task(self._create_raw_pool())
+            self._raw_pools[loop] = creating
+        pool = await creating
+        async with pool.acquire(timeout=self._pool_timeout_s) as conn:
+            yield conn
+
+    async def _create_raw_pool(self) -> Any:
+        import asyncpg
+
+        dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        return await asyncpg.create_pool(
+            dsn, min_size=0, max_size=self._raw_pool_size, init=_raw_codecs, reset=_keep_session
+        )
+
+    async def fetch_one(self, statement: sa.Executable, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """One row of one statement that needs no transaction around it (autocommit)."""
+        if self.is_sqlite:
+            async with self.single() as conn:
+                row = (await conn.execute(statement, dict(params))).mappings().first()
+                return None if row is None else dict(row)
+        from strongroom.store import pg
+
+        plan = pg.plan(statement, tuple(params), self.engine.dialect)
+        async with self.raw() as conn:
+            record = await conn.fetchrow(plan.sql, *plan.args([params])[0])
+        return None if record is None else dict(zip(plan.columns, record, strict=True))
+
+    async def execute_one(self, statement: sa.Executable, params: Mapping[str, Any]) -> int:
+        """One statement on its own (autocommit, durable when it returns); the rows it changed."""
+        if self.is_sqlite:
+            async with self.single() as conn:
+                return int((await conn.execute(statement, dict(params))).rowcount)
+        from strongroom.store import pg
+
+        plan = pg.plan(statement, tuple(params), self.engine.dialect)
+        async with self.raw() as conn:
+            status: str = await conn.execute(plan.sql, *plan.args([params])[0])
+        return int(status.rsplit(" ", 1)[-1]) if status[-1:].isdigit() else 0
+
     async def dispose(self) -> None:
+        loop = asyncio.get_running_loop()
+        for owner, creating in list(self._raw_pools.items()):
+            if not creating.done() or creating.cancelled() or creating.exception() is not None:
+                continue
+            if owner is loop:
+                await creating.result().close()
+            else:
+                creating.result().terminate()
+        self._raw_pools.clear()
         await self.engine.dispose()
+
+
+async def _raw_codecs(conn: Any) -> None:
+    """JSON as SQLAlchemy's asyncpg dialect has it: parameters arrive serialized (the column type's
+    bind processor), results are parsed."""
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=_same, decoder=orjson.loads, schema="pg_catalog", format="text")
+
+
+async def _keep_session(conn: Any) -> None:
+    """Nothing to reset on release: these connections never change session settings, LISTEN or
+    take advisory locks (asyncpg still rolls back an open transaction first). The default reset
+    is one more round trip per checkout."""
+
+
+def _same(value: str) -> str:
+    return value
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -114,13 +204,13 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 _INSERT_IGNORE: dict[tuple[str, str], Any] = {}
 
 
-def insert_ignore(conn: AsyncConnection, table: sa.Table) -> Any:
-    """INSERT … ON CONFLICT DO NOTHING for the connection's dialect, built once per table (it is on
+def insert_ignore(dialect: str, table: sa.Table) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING for the dialect (by name), built once per table (it is on
     the payment path): execute it with the row as parameters, `conn.execute(stmt, row)`."""
-    key = (conn.dialect.name, table.name)
+    key = (dialect, table.name)
     statement = _INSERT_IGNORE.get(key)
     if statement is None:
-        if conn.dialect.name == "postgresql":
+        if dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
             statement = pg_insert(table).on_conflict_do_nothing()

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from strongroom.store import pg
 from strongroom.store.db import Database, as_utc
 
 
@@ -97,8 +99,7 @@ class GroupCommit:
             while lane.queue:
                 batch, lane.queue = lane.queue[: self._max_batch], lane.queue[self._max_batch :]
                 try:
-                    async with self._db.tx() as conn:
-                        results = await _write(conn, batch)
+                    results = await self._batch(batch)
                 except Exception:
                     # Whatever failed (one unit's constraint, a lost connection), each unit is
                     # now tried alone: a bad unit fails alone and the others are unaffected.
@@ -120,6 +121,12 @@ class GroupCommit:
             if task is not None:
                 lane.writers.discard(task)
 
+    async def _batch(self, batch: list[Unit]) -> list[bool]:
+        if self._db.dialect == "postgresql" and _translatable(batch, self._db.engine.dialect):
+            return await _write_asyncpg(self._db, batch)
+        async with self._db.tx() as conn:
+            return await _write(conn, batch)
+
     async def _one_by_one(self, batch: list[Unit]) -> None:
         for unit in batch:
             try:
@@ -139,17 +146,62 @@ def _settle(unit: Unit, ok: bool) -> None:
 
 async def _write(conn: AsyncConnection, batch: Sequence[Unit]) -> list[bool]:
     passed = await _check_guards(conn, batch)
-    chosen = [unit for unit, ok in zip(batch, passed, strict=True) if ok]
-    # Units of the same shape (the same statements, parameter names and order) share each statement's
-    # executemany; shapes run one after another, so every unit's own order is kept.
-    shapes: dict[tuple[tuple[int, tuple[str, ...]], ...], list[Unit]] = {}
-    for unit in chosen:
-        shape = tuple((id(w.statement), tuple(w.params)) for w in unit.writes)
-        shapes.setdefault(shape, []).append(unit)
-    for units in shapes.values():
+    for units in _by_shape(batch, passed).values():
         for statement, params in _statements(units):
             await conn.execute(statement, params if len(params) > 1 else params[0])
     return passed
+
+
+def _by_shape(batch: Sequence[Unit], passed: list[bool]) -> dict[Any, list[Unit]]:
+    """Units of the same shape (the same statements, parameter names and order) share each
+    statement's executemany; shapes run one after another, so every unit's own order is kept."""
+    shapes: dict[Any, list[Unit]] = {}
+    for unit, ok in zip(batch, passed, strict=True):
+        if ok:
+            shape = tuple((id(w.statement), tuple(w.params)) for w in unit.writes)
+            shapes.setdefault(shape, []).append(unit)
+    return shapes
+
+
+def _translatable(batch: Sequence[Unit], dialect: Dialect) -> bool:
+    try:
+        for unit in batch:
+            for write in unit.writes:
+                pg.plan(write.statement, tuple(write.params), dialect)
+    except pg.Untranslatable:
+        return False
+    return True
+
+
+async def _write_asyncpg(db: Database, batch: Sequence[Unit]) -> list[bool]:
+    """`_write` on an asyncpg connection of its own (see store.pg), in its own transaction."""
+    dialect = db.engine.dialect
+    async with db.raw() as driver, driver.transaction():
+        passed = await _check_guards_asyncpg(driver, dialect, batch)
+        for units in _by_shape(batch, passed).values():
+            for statement, params in _statements(units):
+                plan = pg.plan(statement, tuple(params[0]), dialect)
+                args = plan.args(params)
+                if len(args) == 1:
+                    await driver.execute(plan.sql, *args[0])
+                else:
+                    await driver.executemany(plan.sql, args)
+    return passed
+
+
+async def _check_guards_asyncpg(driver: Any, dialect: Dialect, batch: Sequence[Unit]) -> list[bool]:
+    guards = [unit.guard for unit in batch if unit.guard is not None]
+    if not guards:
+        return [True] * len(batch)
+    found: dict[tuple[str, bool, str], Any] = {}
+    for table in {g.table for g in guards}:
+        mine = [g for g in guards if g.table is table]
+        columns = tuple(sorted({c for g in mine for c in g.expected}))
+        query = pg.guard_plan(table, columns, dialect)
+        keys = ([g.merchant_id for g in mine], [g.livemode for g in mine], [g.id for g in mine])
+        for row in await driver.fetch(query.sql, *keys):
+            found[(row["merchant_id"], row["livemode"], row["id"])] = row
+    return [unit.guard is None or _holds(found, unit.guard) for unit in batch]
 
 
 def _statements(units: list[Unit]) -> list[tuple[sa.Executable, list[dict[str, Any]]]]:

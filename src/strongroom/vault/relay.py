@@ -159,8 +159,7 @@ class Relay:
             log.warning("vault.relay_refused", actor=actor, merchant_id=merchant_id, destination=request.url[:200])
             raise
         try:
-            async with self._db.single() as conn:
-                pan = await self._vault.reveal(conn, merchant_id, token)
+            pan = await self._vault.reveal_alone(self._db, merchant_id, token)
         except ResourceMissing:
             await self._audit(actor, merchant_id, token, origin, request.method, path, "not_found", None)
             raise

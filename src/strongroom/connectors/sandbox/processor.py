@@ -424,7 +424,7 @@ async def _claim_key(conn: AsyncConnection, row: dict[str, Any]) -> SandboxOpera
     On PostgreSQL a concurrent claim of the same key waits here until the first commits, and
     then reads its row (READ COMMITTED: each statement sees what committed before it began).
     """
-    inserted = await conn.execute(insert_ignore(conn, sandbox_operations), row)
+    inserted = await conn.execute(insert_ignore(conn.dialect.name, sandbox_operations), row)
     if inserted.rowcount == 1:
         return None
     earlier = await _load_row(conn, row["idempotency_key"])

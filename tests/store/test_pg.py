@@ -1,0 +1,146 @@
+"""Group commit's PostgreSQL batch (store.pg): rows written through asyncpg directly, N rows
+per INSERT … unnest, read back exactly as the SQLAlchemy path would have stored them; what it
+cannot translate takes the SQLAlchemy path; a bad row fails its own unit only, and is refused,
+never truncated."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from tests.conftest import PG_URL
+
+from strongroom.events.tables import events
+from strongroom.idempotency.tables import idempotency_keys
+from strongroom.store import pg
+from strongroom.store.db import Database
+from strongroom.store.group import GroupCommit, Write, execute
+
+# PostgreSQL only (and not skipped on SQLite: there is nothing of this module to run there).
+pytestmark = [
+    pytest.mark.skipif(PG_URL is None, reason="needs STRONGROOM_TEST_DATABASE_URL"),
+    pytest.mark.parametrize("database_url", ["postgres"], indirect=True),
+]
+
+_INSERT = events.insert()
+_INSERT_RETURNING = events.insert().returning(events.c.id)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(database_url)
+    yield database
+    await database.dispose()
+
+
+def _row(merchant_id: str, event_id: str, **overrides: Any) -> dict[str, Any]:
+    row = {
+        "merchant_id": merchant_id,
+        "id": event_id,
+        "livemode": event_id.endswith("live"),
+        "created": dt.datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=dt.UTC),
+        "type": "test.grouped",
+        "object_id": "obj_1",
+        "data": {"object": {"id": "obj_1", "amount": 2000, "name": "Zoë ☃", "nested": [1, None, {"a": True}]}},
+    }
+    return row | overrides
+
+
+async def _stored(db: Database, merchant_id: str) -> dict[str, dict[str, Any]]:
+    async with db.read() as conn:
+        rows = (await conn.execute(sa.select(events).where(events.c.merchant_id == merchant_id))).mappings()
+        return {row["id"]: dict(row) for row in rows}
+
+
+async def test_rows_batched_through_asyncpg_read_back_as_the_sqlalchemy_path_stores_them(db: Database) -> None:
+    batched, one_by_one = "acct_" + secrets.token_hex(6), "acct_" + secrets.token_hex(6)
+    names = ["evt_1", "evt_2_live", "evt_3"]
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+
+    results = await asyncio.gather(*(group.commit([Write(_INSERT, _row(batched, n))]) for n in names))
+    async with db.tx() as conn:
+        await execute(conn, [Write(_INSERT, _row(one_by_one, n)) for n in names])
+
+    assert results == [True, True, True]
+    mine, reference = await _stored(db, batched), await _stored(db, one_by_one)
+    assert set(mine) == set(names)
+    for name in names:
+        assert {**mine[name], "merchant_id": None} == {**reference[name], "merchant_id": None}
+    assert mine["evt_1"]["data"]["object"]["name"] == "Zoë ☃"
+    assert mine["evt_2_live"]["livemode"] is True
+
+
+async def test_an_insert_of_many_rows_is_one_statement_at_the_server(db: Database) -> None:
+    plan = pg.plan(_INSERT, tuple(_row("m", "e")), db.engine.dialect)
+
+    assert plan.unnest
+    assert plan.sql.startswith("INSERT INTO events (")
+    assert "SELECT * FROM unnest($1::VARCHAR[], $2::VARCHAR[]" in plan.sql
+    # One argument tuple of column arrays, whatever the number of rows.
+    args = plan.args([_row("m", f"e{n}") for n in range(5)])
+    assert len(args) == 1
+    assert args[0][1] == ["e0", "e1", "e2", "e3", "e4"]
+
+
+async def test_a_too_long_value_is_refused_not_truncated_and_fails_its_unit_alone(db: Database) -> None:
+    merchant = "acct_" + secrets.token_hex(6)
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+    too_long = "t" * 65  # events.type is VARCHAR(64)
+
+    results = await asyncio.gather(
+        group.commit([Write(_INSERT, _row(merchant, "evt_ok_1"))]),
+        group.commit([Write(_INSERT, _row(merchant, "evt_bad", type=too_long))]),
+        group.commit([Write(_INSERT, _row(merchant, "evt_ok_2"))]),
+        return_exceptions=True,
+    )
+
+    assert results[0] is True and results[2] is True
+    assert isinstance(results[1], sa_exc.DBAPIError)
+    assert set(await _stored(db, merchant)) == {"evt_ok_1", "evt_ok_2"}
+
+
+async def test_a_statement_it_cannot_translate_takes_the_sqlalchemy_path(db: Database) -> None:
+    merchant = "acct_" + secrets.token_hex(6)
+    with pytest.raises(pg.Untranslatable):
+        pg.plan(_INSERT_RETURNING, tuple(_row(merchant, "e")), db.engine.dialect)
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+
+    assert await group.commit([Write(_INSERT_RETURNING, _row(merchant, "evt_returning"))])
+
+    assert set(await _stored(db, merchant)) == {"evt_returning"}
+
+
+async def test_an_update_carries_the_literal_values_of_its_statement(db: Database) -> None:
+    """`.values(locked_at=None)` is part of the statement, not of the parameters: the batch must
+    still set it (the stored idempotent response unlocks its key)."""
+    merchant = "acct_" + secrets.token_hex(6)
+    key = {"merchant_id": merchant, "livemode": False, "key": "k-1"}
+    now = dt.datetime.now(dt.UTC)
+    async with db.tx() as conn:
+        await conn.execute(
+            idempotency_keys.insert(),
+            key | {"fingerprint": b"f" * 32, "method": "POST", "path": "/v1/x", "created": now, "locked_at": now},
+        )
+    store = (
+        idempotency_keys.update()
+        .where(
+            idempotency_keys.c.merchant_id == sa.bindparam("w_merchant"),
+            idempotency_keys.c.livemode == sa.bindparam("w_livemode"),
+            idempotency_keys.c.key == sa.bindparam("w_key"),
+        )
+        .values(response_status=sa.bindparam("w_status"), locked_at=None)
+    )
+    params = {"w_merchant": merchant, "w_livemode": False, "w_key": "k-1", "w_status": 201}
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+
+    assert await group.commit([Write(store, params)])
+
+    async with db.read() as conn:
+        row = (await conn.execute(sa.select(idempotency_keys).where(idempotency_keys.c.merchant_id == merchant))).one()
+    assert (row.response_status, row.locked_at) == (201, None)
