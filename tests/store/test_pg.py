@@ -144,3 +144,55 @@ async def test_an_update_carries_the_literal_values_of_its_statement(db: Databas
     async with db.read() as conn:
         row = (await conn.execute(sa.select(idempotency_keys).where(idempotency_keys.c.merchant_id == merchant))).one()
     assert (row.response_status, row.locked_at) == (201, None)
+
+
+async def test_updates_by_key_of_many_rows_are_one_statement_and_each_row_gets_its_own_values(db: Database) -> None:
+    merchant = "acct_" + secrets.token_hex(6)
+    async with db.tx() as conn:
+        await execute(conn, [Write(_INSERT, _row(merchant, f"evt_{n}")) for n in range(3)])
+    by_key = (
+        events.update()
+        .where(
+            events.c.merchant_id == sa.bindparam("w_merchant"),
+            events.c.livemode == sa.bindparam("w_livemode"),
+            events.c.id == sa.bindparam("w_id"),
+        )
+        .values(type=sa.bindparam("w_type"))
+    )
+    params = [{"w_merchant": merchant, "w_livemode": False, "w_id": f"evt_{n}", "w_type": f"t.{n}"} for n in range(3)]
+    plan = pg.plan(by_key, tuple(params[0]), db.engine.dialect)
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+
+    assert plan.unnest and "FROM unnest(" in plan.sql and "= ANY(" in plan.sql
+    assert await asyncio.gather(*(group.commit([Write(by_key, p)]) for p in params)) == [True] * 3
+
+    assert {k: v["type"] for k, v in (await _stored(db, merchant)).items()} == {f"evt_{n}": f"t.{n}" for n in range(3)}
+
+
+async def test_a_batch_of_several_statements_is_one_combined_statement_that_writes_them_all(db: Database) -> None:
+    """Each unit inserts an event and updates another (as a payment writes its charge and updates
+    its intent): the batch is ONE `WITH … SELECT` execution, and every row is written."""
+    merchant = "acct_" + secrets.token_hex(6)
+    async with db.tx() as conn:
+        await execute(conn, [Write(_INSERT, _row(merchant, f"evt_old_{n}")) for n in range(4)])
+    rename = events.update().where(
+        events.c.merchant_id == sa.bindparam("w_merchant"),
+        events.c.livemode == sa.bindparam("w_livemode"),
+        events.c.id == sa.bindparam("w_id"),
+    )
+    units = [
+        [
+            Write(_INSERT, _row(merchant, f"evt_new_{n}")),
+            Write(rename, {"w_merchant": merchant, "w_livemode": False, "w_id": f"evt_old_{n}", "object_id": f"o{n}"}),
+        ]
+        for n in range(4)
+    ]
+    plans = [pg.plan(w.statement, tuple(w.params), db.engine.dialect) for w in units[0]]
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+
+    assert pg.combined(plans).startswith("WITH w0 AS (INSERT INTO events")
+    assert await asyncio.gather(*(group.commit(u) for u in units)) == [True] * 4
+
+    stored = await _stored(db, merchant)
+    assert {f"evt_new_{n}" for n in range(4)} <= set(stored)
+    assert [stored[f"evt_old_{n}"]["object_id"] for n in range(4)] == ["o0", "o1", "o2", "o3"]

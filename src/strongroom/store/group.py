@@ -174,19 +174,47 @@ def _translatable(batch: Sequence[Unit], dialect: Dialect) -> bool:
 
 
 async def _write_asyncpg(db: Database, batch: Sequence[Unit]) -> list[bool]:
-    """`_write` on an asyncpg connection of its own (see store.pg), in its own transaction."""
+    """`_write` on an asyncpg connection of its own (see store.pg). Each shape of unit is one
+    statement for the whole batch; a batch of one shape without guards is that one statement
+    alone, its own transaction, with no BEGIN or COMMIT round trip."""
     dialect = db.engine.dialect
-    async with db.raw() as driver, driver.transaction():
-        passed = await _check_guards_asyncpg(driver, dialect, batch)
-        for units in _by_shape(batch, passed).values():
-            for statement, params in _statements(units):
-                plan = pg.plan(statement, tuple(params[0]), dialect)
-                args = plan.args(params)
-                if len(args) == 1:
-                    await driver.execute(plan.sql, *args[0])
-                else:
-                    await driver.executemany(plan.sql, args)
-    return passed
+    async with db.raw() as driver:
+        if any(unit.guard is not None for unit in batch):
+            async with driver.transaction():
+                passed = await _check_guards_asyncpg(driver, dialect, batch)
+                for sql, args in _work(dialect, batch, passed):
+                    await _run(driver, sql, args)
+            return passed
+        passed = [True] * len(batch)
+        work = _work(dialect, batch, passed)
+        if len(work) == 1:
+            await _run(driver, *work[0])
+        else:
+            async with driver.transaction():
+                for sql, args in work:
+                    await _run(driver, sql, args)
+        return passed
+
+
+def _work(dialect: Dialect, batch: Sequence[Unit], passed: list[bool]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """(SQL, argument tuples) to run in order: one combined statement per shape of unit, or, for a
+    shape with a statement that has no unnest form, its statements one after another."""
+    work: list[tuple[str, list[tuple[Any, ...]]]] = []
+    for units in _by_shape(batch, passed).values():
+        runs = [(pg.plan(statement, tuple(params[0]), dialect), params) for statement, params in _statements(units)]
+        if all(plan.unnest for plan, _ in runs):
+            arguments = tuple(value for plan, params in runs for value in plan.args(params)[0])
+            work.append((pg.combined([plan for plan, _ in runs]), [arguments]))
+        else:
+            work.extend((plan.sql, plan.args(params)) for plan, params in runs)
+    return work
+
+
+async def _run(driver: Any, sql: str, args: list[tuple[Any, ...]]) -> None:
+    if len(args) == 1:
+        await driver.execute(sql, *args[0])
+    else:
+        await driver.executemany(sql, args)
 
 
 async def _check_guards_asyncpg(driver: Any, dialect: Dialect, batch: Sequence[Unit]) -> list[bool]:

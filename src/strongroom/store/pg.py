@@ -21,6 +21,7 @@ take the SQLAlchemy path. Errors are asyncpg's own: group commit treats any fail
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, Null
 
 Processor = Callable[[Any], Any] | None
 
@@ -86,9 +89,13 @@ def plan(statement: sa.Executable, keys: tuple[str, ...], dialect: Dialect) -> P
     cached = _PLANS.get(cache_key)
     if cached is not None and cached[0] is statement:
         return cached[1]
-    built = (
-        _insert_plan(statement, keys, dialect) if _plain_insert(statement) else _compiled_plan(statement, keys, dialect)
-    )
+    if _plain_insert(statement):
+        built = _insert_plan(statement, keys, dialect)
+    else:
+        try:
+            built = _update_plan(statement, keys, dialect)
+        except Untranslatable:
+            built = _compiled_plan(statement, keys, dialect)
     _PLANS[cache_key] = (statement, built)  # the statement is kept: its id stays unique
     return built
 
@@ -121,6 +128,98 @@ def _insert_plan(statement: sa.Executable, keys: tuple[str, ...], dialect: Diale
         f"({', '.join(quote(c.name) for c in columns)}) SELECT * FROM unnest({arrays})"
     )
     return Plan(sql, names, constants, tuple(_processor(c.type, dialect) for c in columns), unnest=True)
+
+
+def _update_plan(statement: sa.Executable, keys: tuple[str, ...], dialect: Dialect) -> Plan:
+    """`UPDATE t SET … FROM unnest(…) AS v(…) WHERE t.k = v.k …`: N rows' updates in one execution,
+    for an UPDATE whose WHERE is `column = :parameter` terms joined by AND (an update by key)."""
+    if not isinstance(statement, sa.Update) or statement._returning or not isinstance(statement.table, sa.Table):
+        raise Untranslatable(str(statement))
+    table = statement.table
+    where = statement.whereclause
+    terms = (
+        list(where.clauses) if isinstance(where, BooleanClauseList) and where.operator is operators.and_ else [where]
+    )
+    matches: list[tuple[sa.Column[Any], str]] = []
+    for term in terms:
+        if not (
+            isinstance(term, BinaryExpression)
+            and term.operator is operators.eq
+            and isinstance(term.left, sa.Column)
+            and term.left.table is table
+            and isinstance(term.right, BindParameter)
+            and term.right.key in keys
+        ):
+            raise Untranslatable(str(statement))
+        matches.append((term.left, term.right.key))
+    sets: list[tuple[sa.Column[Any], str]] = []
+    constants: dict[str, Any] = {}
+    used = {name for _, name in matches}
+    for target, value in (statement._values or {}).items():
+        column = table.c[getattr(target, "key", target)]
+        if isinstance(value, BindParameter) and value.key in keys:
+            sets.append((column, value.key))
+            used.add(value.key)
+        elif isinstance(value, BindParameter) and value.callable is None and not value.required:
+            constants[f"_set_{column.key}"] = value.value
+            sets.append((column, f"_set_{column.key}"))
+        elif isinstance(value, Null):
+            constants[f"_set_{column.key}"] = None
+            sets.append((column, f"_set_{column.key}"))
+        else:
+            raise Untranslatable(str(statement))
+    for key in keys:
+        if key not in used:
+            if key not in table.c:
+                raise Untranslatable(f"{table.name} has no column {key}")
+            sets.append((table.c[key], key))
+    if not sets:
+        raise Untranslatable(str(statement))
+    columns = [*sets, *matches]
+    quote = dialect.identifier_preparer.quote
+    name = dialect.identifier_preparer.format_table(table)
+    arrays = ", ".join(f"${i}::{_array_type(c, dialect)}" for i, (c, _) in enumerate(columns, start=1))
+    aliases = ", ".join(f"v{i}" for i in range(len(columns)))
+    assignments = ", ".join(f"{quote(c.name)} = v.v{i}" for i, (c, _) in enumerate(sets))
+    # Each key column also as `= ANY(its array)`: an index condition whatever the row estimates.
+    # With the join alone, generic plans made while the table was small kept a sequential scan
+    # per batch (seen: 3.2 M rows read in a 10 s run).
+    conditions = " AND ".join(
+        f"{name}.{quote(c.name)} = ANY(${n}::{_array_type(c, dialect)}) AND {name}.{quote(c.name)} = v.v{n - 1}"
+        for n, (c, _) in enumerate(matches, start=len(sets) + 1)
+    )
+    # Identifiers and types come from the schema, quoted by the dialect; values are parameters.
+    sql = f"UPDATE {name} SET {assignments} FROM unnest({arrays}) AS v({aliases}) WHERE {conditions}"  # noqa: S608
+    processors = tuple(_processor(c.type, dialect) for c, _ in columns)
+    return Plan(sql, tuple(n for _, n in columns), constants, processors, unnest=True)
+
+
+_COMBINED: dict[tuple[int, ...], tuple[tuple[Plan, ...], str]] = {}
+_PARAMETER = re.compile(r"\$(\d+)")
+
+
+def combined(plans: Sequence[Plan]) -> str:
+    """One statement running every unnest plan as a data-modifying WITH query: a whole batch in
+    one execution (and, alone, one implicit transaction: no BEGIN or COMMIT round trips). The rows
+    the plans touch are distinct (each unit its own), which is what such queries need: they all
+    see one snapshot and run in no set order."""
+    cache_key = tuple(id(p) for p in plans)
+    cached = _COMBINED.get(cache_key)
+    if cached is not None and all(a is b for a, b in zip(cached[0], plans, strict=True)):
+        return cached[1]
+    parts, offset = [], 0
+    for n, one in enumerate(plans):
+        if not one.unnest:
+            raise Untranslatable(one.sql)
+        parts.append(f"w{n} AS ({_PARAMETER.sub(functools.partial(_shifted, offset), one.sql)})")
+        offset += len(one.names)
+    sql = "WITH " + ", ".join(parts) + " SELECT 1"
+    _COMBINED[cache_key] = (tuple(plans), sql)
+    return sql
+
+
+def _shifted(offset: int, match: re.Match[str]) -> str:
+    return f"${int(match.group(1)) + offset}"
 
 
 def _compiled_plan(statement: sa.Executable, keys: tuple[str, ...], dialect: Dialect) -> Plan:
