@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import operators
@@ -45,11 +46,26 @@ class Plan:
     names: tuple[str, ...]  # parameter names in SQL order (per column for an unnest insert)
     constants: Mapping[str, Any]  # values for names the rows do not carry (scalar defaults, literals)
     processors: tuple[Processor, ...]
-    unnest: bool  # one execution with one array per name, instead of one per row
+    unnest: bool  # one execution for N rows (column arrays, or one JSON document)
     columns: tuple[str, ...] = ()  # a SELECT's result keys, as SQLAlchemy's row mapping has them
+    document: bool = False  # the rows as ONE JSON document parameter (see _insert_plan)
+
+    @property
+    def parameters(self) -> int:
+        return 1 if self.document else len(self.names)
 
     def args(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
-        """The executemany argument tuples (or, for an unnest plan, one tuple of column arrays)."""
+        """The executemany argument tuples; for an unnest plan, one tuple: the column arrays, or
+        the JSON document."""
+        if self.document:
+            records = [
+                {
+                    name: _value(row, name, self.constants, proc)
+                    for name, proc in zip(self.names, self.processors, strict=True)
+                }
+                for row in rows
+            ]
+            return [(orjson.dumps(records, option=orjson.OPT_NAIVE_UTC).decode(),)]
         tuples = [
             tuple(
                 _value(row, name, self.constants, proc) for name, proc in zip(self.names, self.processors, strict=True)
@@ -114,20 +130,39 @@ def _insert_plan(statement: sa.Executable, keys: tuple[str, ...], dialect: Diale
             continue
         if not (isinstance(column.default, sa.ColumnDefault) and column.default.is_scalar):
             raise Untranslatable(f"{table.name}.{column.key} has a default computed in Python")
-        constants[column.key] = column.default.arg
-    names = tuple(keys) + tuple(constants)
+        constants[str(column.key)] = column.default.arg  # a plain str: it is a JSON key
+    names = tuple(str(k) for k in keys) + tuple(constants)  # plain str: JSON keys (not quoted_name)
     unknown = [n for n in names if n not in table.c]
     if unknown:
         raise Untranslatable(f"{table.name} has no column {unknown}")
     columns = [table.c[n] for n in names]
     quote = dialect.identifier_preparer.quote
-    arrays = ", ".join(f"${i}::{_array_type(c, dialect)}" for i, c in enumerate(columns, start=1))
+    name = dialect.identifier_preparer.format_table(table)
+    listed = ", ".join(quote(c.name) for c in columns)
+    # The rows as one JSON document, turned into rows of the table's own type by the server:
+    # encoding N x M values as column arrays cost asyncpg about 1.2 µs each, orjson a tenth of
+    # that (measured: 30 rows of 10 columns, 330 -> 130 µs client CPU, 220 -> 260 µs server).
+    # Each value still goes through its column type's input (a too-long VARCHAR is refused).
     # Identifiers and types come from the schema, quoted by the dialect; values are parameters.
     sql = (
-        f"INSERT INTO {dialect.identifier_preparer.format_table(table)} "  # noqa: S608
-        f"({', '.join(quote(c.name) for c in columns)}) SELECT * FROM unnest({arrays})"
+        f"INSERT INTO {name} ({listed}) SELECT {listed} "  # noqa: S608
+        f"FROM json_populate_recordset(NULL::{name}, $1::text::json)"
     )
-    return Plan(sql, names, constants, tuple(_processor(c.type, dialect) for c in columns), unnest=True)
+    converters = tuple(_document_value(c.type, dialect) for c in columns)
+    return Plan(sql, names, constants, converters, unnest=True, document=True)
+
+
+def _document_value(type_: sa.types.TypeEngine[Any], dialect: Dialect) -> Processor:
+    """How a value goes into the JSON document: JSON as itself (nested), bytes as bytea's hex
+    input; the rest as orjson writes it (timestamps in RFC 3339 with their offset)."""
+    impl = type_.dialect_impl(dialect)
+    if isinstance(impl, sa.LargeBinary):
+        return _bytea_hex
+    return None
+
+
+def _bytea_hex(value: Any) -> str:
+    return "\\x" + bytes(value).hex()
 
 
 def _update_plan(statement: sa.Executable, keys: tuple[str, ...], dialect: Dialect) -> Plan:
@@ -212,7 +247,7 @@ def combined(plans: Sequence[Plan]) -> str:
         if not one.unnest:
             raise Untranslatable(one.sql)
         parts.append(f"w{n} AS ({_PARAMETER.sub(functools.partial(_shifted, offset), one.sql)})")
-        offset += len(one.names)
+        offset += one.parameters
     sql = "WITH " + ", ".join(parts) + " SELECT 1"
     _COMBINED[cache_key] = (tuple(plans), sql)
     return sql
