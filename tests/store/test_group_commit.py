@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog.testing
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
@@ -93,7 +94,14 @@ async def test_a_failing_unit_fails_alone_and_writes_nothing_while_the_others_co
     # Its second write collides with an existing row: its first write must not survive either.
     bad = [_event(merchant, "evt_bad_first"), _event(merchant, "evt_taken")]
 
-    results = await asyncio.gather(*(group.commit(w) for w in [*units[:5], bad, *units[5:]]), return_exceptions=True)
+    with structlog.testing.capture_logs() as logs:
+        results = await asyncio.gather(
+            *(group.commit(w) for w in [*units[:5], bad, *units[5:]]), return_exceptions=True
+        )
+
+    # The failed batch is reported (by the error's type: no row values in the log).
+    failed = [e for e in logs if e["event"] == "store.group_commit_batch_failed"]
+    assert failed and all(set(e) == {"event", "log_level", "error", "units"} for e in failed)
 
     assert isinstance(results[5], sa_exc.IntegrityError)
     assert [r for n, r in enumerate(results) if n != 5] == [True] * 9

@@ -26,11 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from strongroom.store import pg
 from strongroom.store.db import Database, as_utc
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,10 @@ class GroupCommit:
                 batch, lane.queue = lane.queue[: self._max_batch], lane.queue[self._max_batch :]
                 try:
                     results = await self._batch(batch)
-                except Exception:
+                except Exception as exc:
+                    # Visible: a batch path that always fails would otherwise only be slow. The
+                    # error's type only (a message can quote a row's values).
+                    log.warning("store.group_commit_batch_failed", error=type(exc).__name__, units=len(batch))
                     # Whatever failed (one unit's constraint, a lost connection), each unit is
                     # now tried alone: a bad unit fails alone and the others are unaffected.
                     await self._one_by_one(batch)
