@@ -160,6 +160,7 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
             settings.effective_database_url,
             pool_size=settings.database.pool_size,
             pool_timeout_s=settings.database.pool_timeout_s,
+            raw_pool_size=settings.database.raw_pool_size,
         )
         app.state.services = build_services(settings, db, public_url)
         if isinstance(app.state.services.payments.vault, Vault):

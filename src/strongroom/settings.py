@@ -20,9 +20,11 @@ from pydantic_settings import (
 
 
 class DatabaseSettings(BaseModel):
-    # Connections per process, all kept open (see store.db): 4 workers use 80 of PostgreSQL's
-    # default 100.
-    pool_size: int = Field(default=20, ge=1)
+    # Connections per process, all kept open (see store.db): SQLAlchemy's pool, and on PostgreSQL
+    # the asyncpg pool of the hot statements (store.pg: group commit, the idempotency claim, the
+    # payment's lookups). 4 workers use at most 80 of PostgreSQL's default 100.
+    pool_size: int = Field(default=10, ge=1)
+    raw_pool_size: int = Field(default=10, ge=1)
     # How long a request waits for a pooled connection: before it began, it is then shed with a
     # 503; after, it answers 500 outcome_unknown. Long, because admission control
     # (http.max_inflight) sheds excess at the door: an admitted request should finish, slowly if

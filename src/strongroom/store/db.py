@@ -40,7 +40,7 @@ class Database:
         self,
         url: str,
         *,
-        pool_size: int = 20,
+        pool_size: int = 10,
         pool_timeout_s: float = 30.0,
         raw_pool_size: int = 10,
         echo: bool = False,
