@@ -21,7 +21,7 @@ import asyncio
 import datetime as dt
 import functools
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,18 +224,11 @@ async def _run(driver: Any, sql: str, args: list[tuple[Any, ...]]) -> None:
 
 
 async def _check_guards_asyncpg(driver: Any, dialect: Dialect, batch: Sequence[Unit]) -> list[bool]:
-    guards = [unit.guard for unit in batch if unit.guard is not None]
-    if not guards:
-        return [True] * len(batch)
-    found: dict[tuple[str, bool, str], Any] = {}
-    for table in {g.table for g in guards}:
-        mine = [g for g in guards if g.table is table]
-        columns = tuple(sorted({c for g in mine for c in g.expected}))
-        query = pg.guard_plan(table, columns, dialect)
+    async def fetch(table: sa.Table, columns: tuple[str, ...], mine: list[Guard]) -> Any:
         keys = ([g.merchant_id for g in mine], [g.livemode for g in mine], [g.id for g in mine])
-        for row in await driver.fetch(query.sql, *keys):
-            found[(row["merchant_id"], row["livemode"], row["id"])] = row
-    return [unit.guard is None or _holds(found, unit.guard) for unit in batch]
+        return await driver.fetch(pg.guard_plan(table, columns, dialect).sql, *keys)
+
+    return await _guards_hold(batch, fetch)
 
 
 def _statements(units: list[Unit]) -> list[tuple[sa.Executable, list[dict[str, Any]]]]:
@@ -255,6 +248,18 @@ def _statements(units: list[Unit]) -> list[tuple[sa.Executable, list[dict[str, A
 
 
 async def _check_guards(conn: AsyncConnection, batch: Sequence[Unit]) -> list[bool]:
+    async def fetch(table: sa.Table, columns: tuple[str, ...], mine: list[Guard]) -> Any:
+        query = _guard_query(table, columns, conn.dialect.name == "postgresql")
+        keys = [(g.merchant_id, g.livemode, g.id) for g in mine]
+        return (await conn.execute(query, {"keys": keys})).mappings()
+
+    return await _guards_hold(batch, fetch)
+
+
+async def _guards_hold(
+    batch: Sequence[Unit], fetch: Callable[[sa.Table, tuple[str, ...], list[Guard]], Awaitable[Any]]
+) -> list[bool]:
+    """Per unit: does its guard hold? One locking read per guarded table (`fetch`, per path)."""
     guards = [unit.guard for unit in batch if unit.guard is not None]
     if not guards:
         return [True] * len(batch)
@@ -262,9 +267,7 @@ async def _check_guards(conn: AsyncConnection, batch: Sequence[Unit]) -> list[bo
     for table in {g.table for g in guards}:
         mine = [g for g in guards if g.table is table]
         columns = tuple(sorted({c for g in mine for c in g.expected}))
-        query = _guard_query(table, columns, conn.dialect.name == "postgresql")
-        keys = [(g.merchant_id, g.livemode, g.id) for g in mine]
-        for row in (await conn.execute(query, {"keys": keys})).mappings():
+        for row in await fetch(table, columns, mine):
             found[(row["merchant_id"], row["livemode"], row["id"])] = row
     return [unit.guard is None or _holds(found, unit.guard) for unit in batch]
 
