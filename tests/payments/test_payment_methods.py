@@ -186,9 +186,21 @@ async def test_invalid_card_is_a_402_card_error_and_writes_nothing(api, services
     assert await _vault_rows(services, merchant.id) == vault_before
 
 
-async def test_card_expiring_this_month_is_accepted(api):
-    pm = await card_payment_method(api, VISA, exp_month=TODAY.month, exp_year=TODAY.year)
-    assert (pm["card"]["exp_month"], pm["card"]["exp_year"]) == (TODAY.month, TODAY.year)
+def _freeze_clock(monkeypatch: pytest.MonkeyPatch, now: dt.datetime) -> None:
+    """The server's clock for card checks; a test reading the wall clock failed across a month's end."""
+    monkeypatch.setattr("strongroom.payments.methods.utcnow", lambda: now)
+
+
+async def test_card_expiring_this_month_is_accepted_up_to_its_last_second(api, monkeypatch):
+    _freeze_clock(monkeypatch, dt.datetime(2026, 11, 30, 23, 59, 59))
+    pm = await card_payment_method(api, VISA, exp_month=11, exp_year=2026)
+    assert (pm["card"]["exp_month"], pm["card"]["exp_year"]) == (11, 2026)
+
+
+async def test_card_expired_at_the_start_of_the_next_month(api, monkeypatch):
+    _freeze_clock(monkeypatch, dt.datetime(2026, 12, 1, 0, 0, 0))
+    error = _error(await api.post("/v1/payment_methods", data=_card_form(VISA, 11, 2026)), 402, "card_error")
+    assert error["code"] == "invalid_expiry_year"
 
 
 @pytest.mark.parametrize(
