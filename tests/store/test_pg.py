@@ -231,3 +231,19 @@ async def test_binary_values_and_naive_timestamps_are_stored_as_sqlalchemy_store
     assert (stored.fingerprint, stored.response_body) == (raw[:32], raw)
     assert stored.created == dt.datetime(2026, 11, 30, 12, 0, 0, 5, tzinfo=dt.UTC)
     assert stored.locked_at is None
+
+
+async def test_statements_on_the_driver_pool_are_planned_once_not_at_every_execution(db: Database) -> None:
+    """PostgreSQL makes a custom plan for a prepared statement's first executions (and for ever, when
+    custom plans look cheaper): planning a batch's many-CTE statement every time cost it about a
+    fifth of its CPU per payment. The pool's connections use the generic plan from the start."""
+    sql = "SELECT id FROM events WHERE merchant_id = ANY($1::varchar[]) AND id = ANY($2::varchar[])"
+    async with db.raw() as conn:
+        statement = await conn.prepare(sql)
+        for n in range(8):
+            await statement.fetch([f"acct_{n}"], [f"evt_{n}"])
+        plans = await conn.fetchrow(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1", sql
+        )
+    assert plans is not None
+    assert (plans["generic_plans"], plans["custom_plans"]) == (8, 0)
