@@ -247,3 +247,38 @@ async def test_statements_on_the_driver_pool_are_planned_once_not_at_every_execu
         )
     assert plans is not None
     assert (plans["generic_plans"], plans["custom_plans"]) == (8, 0)
+
+
+async def test_a_connection_lost_mid_batch_loses_no_unit_each_is_written_once(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's connection dies under it (a PostgreSQL restart, a failover, a killed backend):
+    the batch fails as a whole and every unit is then written alone, once, on a new connection."""
+    from strongroom.store import group as group_module
+
+    merchant = "acct_" + secrets.token_hex(6)
+    original = group_module._run
+    killed: list[int] = []
+
+    async def run_on_a_dying_connection(driver: Any, sql: str, args: list[tuple[Any, ...]]) -> None:
+        if not killed:
+            killed.append(driver.get_server_pid())
+            async with db.raw() as other:
+                assert await other.fetchval("SELECT pg_terminate_backend($1)", killed[0])
+        await original(driver, sql, args)
+
+    monkeypatch.setattr(group_module, "_run", run_on_a_dying_connection)
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+    names = ["evt_a", "evt_b", "evt_c"]
+
+    results = await asyncio.gather(*(group.commit([Write(_INSERT, _row(merchant, n))]) for n in names))
+
+    assert killed, "the batch never ran on the asyncpg path"
+    assert results == [True, True, True]
+    async with db.read() as conn:
+        counted = (
+            await conn.execute(
+                sa.select(events.c.id, sa.func.count()).where(events.c.merchant_id == merchant).group_by(events.c.id)
+            )
+        ).all()
+    assert sorted(counted) == [(n, 1) for n in names]
