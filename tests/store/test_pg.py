@@ -19,9 +19,10 @@ from tests.conftest import PG_URL
 
 from strongroom.events.tables import events
 from strongroom.idempotency.tables import idempotency_keys
+from strongroom.store import group as group_module
 from strongroom.store import pg
 from strongroom.store.db import Database
-from strongroom.store.group import GroupCommit, Write, execute
+from strongroom.store.group import GroupCommit, Guard, Write, execute
 
 # PostgreSQL only (and not skipped on SQLite: there is nothing of this module to run there).
 pytestmark = [
@@ -249,14 +250,20 @@ async def test_statements_on_the_driver_pool_are_planned_once_not_at_every_execu
     assert (plans["generic_plans"], plans["custom_plans"]) == (8, 0)
 
 
+@pytest.mark.parametrize("guarded", [False, True], ids=["autocommit", "guarded"])
 async def test_a_connection_lost_mid_batch_loses_no_unit_each_is_written_once(
-    db: Database, monkeypatch: pytest.MonkeyPatch
+    db: Database, monkeypatch: pytest.MonkeyPatch, guarded: bool
 ) -> None:
     """The batch's connection dies under it (a PostgreSQL restart, a failover, a killed backend):
-    the batch fails as a whole and every unit is then written alone, once, on a new connection."""
-    from strongroom.store import group as group_module
-
+    the batch fails as a whole and every unit is then written alone, once, on a new connection.
+    Guarded: as a payment's last batch is, in a transaction after its locking read."""
     merchant = "acct_" + secrets.token_hex(6)
+    names = ["evt_a", "evt_b", "evt_c"]
+    guards: list[Guard | None] = [None] * len(names)
+    if guarded:
+        async with db.tx() as conn:
+            await execute(conn, [Write(_INSERT, _row(merchant, f"{n}_seed")) for n in names])
+        guards = [Guard(events, merchant, False, f"{n}_seed", {"type": "test.grouped"}) for n in names]
     original = group_module._run
     killed: list[int] = []
 
@@ -269,16 +276,19 @@ async def test_a_connection_lost_mid_batch_loses_no_unit_each_is_written_once(
 
     monkeypatch.setattr(group_module, "_run", run_on_a_dying_connection)
     group = GroupCommit(db, max_batch=64, max_writers=1)
-    names = ["evt_a", "evt_b", "evt_c"]
 
-    results = await asyncio.gather(*(group.commit([Write(_INSERT, _row(merchant, n))]) for n in names))
+    results = await asyncio.gather(
+        *(group.commit([Write(_INSERT, _row(merchant, n))], g) for n, g in zip(names, guards, strict=True))
+    )
 
     assert killed, "the batch never ran on the asyncpg path"
     assert results == [True, True, True]
     async with db.read() as conn:
         counted = (
             await conn.execute(
-                sa.select(events.c.id, sa.func.count()).where(events.c.merchant_id == merchant).group_by(events.c.id)
+                sa.select(events.c.id, sa.func.count())
+                .where(events.c.merchant_id == merchant, events.c.id.in_(names))
+                .group_by(events.c.id)
             )
         ).all()
     assert sorted(counted) == [(n, 1) for n in names]

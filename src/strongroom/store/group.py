@@ -264,7 +264,8 @@ async def _guards_hold(
     if not guards:
         return [True] * len(batch)
     found: dict[tuple[str, bool, str], Any] = {}
-    for table in {g.table for g in guards}:
+    # Tables in a fixed order (by name), as rows within each are: batches cannot deadlock.
+    for table in sorted({g.table for g in guards}, key=lambda t: t.name):
         mine = [g for g in guards if g.table is table]
         columns = tuple(sorted({c for g in mine for c in g.expected}))
         for row in await fetch(table, columns, mine):
