@@ -21,7 +21,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from tests.conftest import Merchant
-from tests.factories import _form
+from tests.factories import _form, card_payment_method
 
 from strongroom.api.http import Services
 from strongroom.connectors.sandbox.tables import sandbox_charges
@@ -58,17 +58,30 @@ def outcome(response: httpx.Response) -> str:
     return f"{response.status_code} {error['type']}/{error.get('code')}"
 
 
+async def payment(api: httpx.AsyncClient, card: str) -> dict[str, Any]:
+    """A test alias (its key claimed on its own first) or a stored card (its key claimed in the
+    payment's first commit: idempotency.deferred)."""
+    if card == "alias":
+        return PAID
+    return {**PAID, "payment_method": (await card_payment_method(api))["id"]}
+
+
+CARDS = pytest.mark.parametrize("card", ["alias", "stored"])
+
+
 async def test_database_is_postgresql(services: Services) -> None:
     assert services.db.dialect == "postgresql"
 
 
+@CARDS
 async def test_i1_concurrent_identical_requests_one_payment_others_409(
-    api: httpx.AsyncClient, services: Services, merchant: Merchant
+    api: httpx.AsyncClient, services: Services, merchant: Merchant, card: str
 ) -> None:
     """50 identical create+confirm POSTs under one Idempotency-Key at once: one payment. Each
     answer is the payment (200, the same bytes) or 409 idempotency_error while it runs."""
     key = new_key()
-    responses = await asyncio.gather(*(post(api, "/v1/payment_intents", PAID, key=key) for _ in range(CONCURRENCY)))
+    data = await payment(api, card)
+    responses = await asyncio.gather(*(post(api, "/v1/payment_intents", data, key=key) for _ in range(CONCURRENCY)))
     split = Counter(outcome(r) for r in responses)
     print(f"\n50 identical POSTs, one key: {dict(split)}")
     assert set(split) <= {"200", "409 idempotency_error/idempotency_key_in_use"}, split
@@ -84,22 +97,24 @@ async def test_i1_concurrent_identical_requests_one_payment_others_409(
 
     assert await count(services, payment_intents, merchant.id) == 1
     assert await services.sandbox.count_authorizations(merchant.id) == 1
-    retry = await post(api, "/v1/payment_intents", PAID, key=key)
+    retry = await post(api, "/v1/payment_intents", data, key=key)
     assert retry.status_code == 200
     assert retry.headers["Idempotent-Replayed"] == "true"
     assert retry.content == originals[0].content
 
 
+@CARDS
 async def test_i1_staggered_identical_requests_see_409_then_replays(
-    api: httpx.AsyncClient, services: Services, merchant: Merchant
+    api: httpx.AsyncClient, services: Services, merchant: Merchant, card: str
 ) -> None:
     """The same race with arrivals spread over ~0.5 s: requests that come while the payment runs
     get 409, those that come after it committed get the stored response (a replay)."""
     key = new_key()
+    data = await payment(api, card)
 
     async def late(delay_s: float) -> httpx.Response:
         await asyncio.sleep(delay_s)
-        return await post(api, "/v1/payment_intents", PAID, key=key)
+        return await post(api, "/v1/payment_intents", data, key=key)
 
     responses = await asyncio.gather(*(late(i * 0.01) for i in range(CONCURRENCY)))
     split = Counter(outcome(r) for r in responses)

@@ -25,7 +25,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from tests.conftest import Merchant, make_settings, new_merchant
-from tests.factories import _form
+from tests.factories import _form, card_payment_method
 
 from strongroom.api import validate
 from strongroom.api.http import Services, _HttpRecorder
@@ -491,7 +491,10 @@ async def test_i3_stale_lock_taken_over_by_retry_completes_with_one_authorizatio
     render = routes.one("payment_intent", routes._intent_view, [])
     with pytest.raises(SimulatedCrash):
         await intents.create(
-            dying_ctx, principal, validate.parse(p.IntentCreate, PAID), _HttpRecorder(claimed, principal, render)
+            dying_ctx,
+            principal,
+            validate.parse(p.IntentCreate, PAID),
+            _HttpRecorder(claimed, principal, render, services.db),
         )
     assert crashing.authorize_calls == 1
     assert await services.sandbox.count_authorizations(merchant.id) == 1
@@ -544,7 +547,10 @@ async def test_i3_stale_lock_with_short_lock_timeout_recovered_without_backdatin
         render = routes.one("payment_intent", routes._intent_view, [])
         with pytest.raises(SimulatedCrash):
             await intents.create(
-                dying_ctx, principal, validate.parse(p.IntentCreate, PAID), _HttpRecorder(claimed, principal, render)
+                dying_ctx,
+                principal,
+                validate.parse(p.IntentCreate, PAID),
+                _HttpRecorder(claimed, principal, render, svc.db),
             )
         async with client_for(application, merchant.secret_key) as api:
             await asyncio.sleep(lock_timeout_s + 0.2)
@@ -686,6 +692,116 @@ async def test_i3_validation_error_not_stored_same_request_fails_again(
     assert good.json()["status"] == "succeeded"
     assert_replay_of(await post(api, "/v1/payment_intents", PAID, key=key), good)
     assert await services.sandbox.count_authorizations(merchant.id) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# I1 to I4 for a deferred claim: a payment with a stored card writes its key with its first commit
+# ---------------------------------------------------------------------------------------------
+
+
+async def stored_card_payment(api: httpx.AsyncClient, **extra: Any) -> dict[str, Any]:
+    """A create+confirm with a payment method stored before (not a test alias): the request whose
+    key is claimed in the payment's own first commit (idempotency.deferred)."""
+    pm = await card_payment_method(api)
+    return {**PAID, "payment_method": pm["id"], **extra}
+
+
+@pytest.mark.parametrize(
+    ("extra", "resource"),
+    [({}, True), ({"expand[]": "latest_charge"}, True), ({"confirm": "false"}, False)],
+    ids=["confirmed", "expanded", "not-confirmed"],
+)
+async def test_i1_deferred_claim_key_row_holds_the_recovery_point_and_the_response(
+    api: httpx.AsyncClient, services: Services, merchant: Merchant, extra: dict[str, Any], resource: bool
+) -> None:
+    """Each way a create can record its key without a claim of its own (the checkpoint, the stored
+    response rendered offline, the response rendered in the final transaction) leaves the same
+    row a claimed key does: the intent as recovery point, the exact response bytes, unlocked."""
+    key = new_key()
+    data = await stored_card_payment(api, **extra)
+    first = await post(api, "/v1/payment_intents", data, key=key)
+    assert first.status_code == 200, first.text
+    row = await key_row(services, merchant.id, key)
+    assert row.response_status == 200
+    assert bytes(row.response_body) == first.content
+    assert row.locked_at is None
+    assert row.resource_id == (first.json()["id"] if resource else None)
+    assert_replay_of(await post(api, "/v1/payment_intents", data, key=key), first)
+    assert await services.sandbox.count_authorizations(merchant.id) == (1 if resource else 0)
+
+
+async def test_i1_deferred_claim_in_flight_key_gets_409_and_writes_nothing(
+    api: httpx.AsyncClient, services: Services, merchant: Merchant, count_rows: Any
+) -> None:
+    """A key held by another request: the payment's first commit (which carries the key's INSERT)
+    fails as a whole, so no intent, event or authorization is left, and the answer is the 409 a
+    claimed key gets; other parameters are still a mismatch."""
+    key = new_key()
+    data = await stored_card_payment(api)
+    settings = services.settings.idempotency
+    held = await idempotency.claim(
+        services.db, principal_of(merchant), key, "POST", "/v1/payment_intents", data,
+        lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s,
+    )  # fmt: skip
+    assert isinstance(held, Claim)
+    events_before = await count_rows(events, merchant.id)
+    for _ in range(2):
+        conflict = await post(api, "/v1/payment_intents", data, key=key)
+        assert conflict.status_code == 409, conflict.text
+        assert conflict.json()["error"]["code"] == "idempotency_key_in_use"
+    mismatch = await post(api, "/v1/payment_intents", {**data, "amount": "2001"}, key=key)
+    assert mismatch.status_code == 400
+    assert mismatch.json()["error"]["type"] == "idempotency_error"
+    assert await count_rows(payment_intents, merchant.id) == 0
+    assert await count_rows(events, merchant.id) == events_before
+    assert await services.sandbox.count_authorizations(merchant.id) == 0
+
+    await held.release(services.db)
+    ran = await post(api, "/v1/payment_intents", data, key=key)
+    assert ran.status_code == 200, ran.text
+    assert_replay_of(await post(api, "/v1/payment_intents", data, key=key), ran)
+    assert await services.sandbox.count_authorizations(merchant.id) == 1
+
+
+async def test_i4_deferred_claim_replays_the_stored_response_when_the_request_would_now_be_refused(
+    api: httpx.AsyncClient, services: Services, merchant: Merchant
+) -> None:
+    """The customer of a completed payment is deleted; a retry of the payment under its key must
+    still get the stored response (a replay), not the 404 the request would get if run again:
+    a deferred claim's refusal is answered only after the key was looked at."""
+    customer = (await post(api, "/v1/customers", {"email": "gone@example.com"})).json()
+    data = await stored_card_payment(api, customer=customer["id"])
+    key = new_key()
+    first = await post(api, "/v1/payment_intents", data, key=key)
+    assert first.status_code == 200, first.text
+    assert (await api.delete(f"/v1/customers/{customer['id']}")).status_code == 200
+    fresh = await post(api, "/v1/payment_intents", data, key=new_key())
+    assert fresh.status_code == 404  # what running it again would answer
+    assert_replay_of(await post(api, "/v1/payment_intents", data, key=key), first)
+    assert await services.sandbox.count_authorizations(merchant.id) == 1
+
+
+async def test_i3_deferred_claim_stale_lock_is_taken_over_and_resumed_with_one_authorization(
+    api: httpx.AsyncClient, services: Services, merchant: Merchant, count_rows: Any
+) -> None:
+    """A request that died holding the key (before any write of its own) left it locked; the
+    retry's own first commit fails on the key, and the retry then takes the stale lock over and
+    runs: one intent, one authorization."""
+    key = new_key()
+    data = await stored_card_payment(api)
+    settings = services.settings.idempotency
+    held = await idempotency.claim(
+        services.db, principal_of(merchant), key, "POST", "/v1/payment_intents", data,
+        lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s,
+    )  # fmt: skip
+    assert isinstance(held, Claim)
+    await backdate_key(services, merchant.id, key, locked_at=settings.lock_timeout_s + 60)
+    retried = await post(api, "/v1/payment_intents", data, key=key)
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["status"] == "succeeded"
+    assert await count_rows(payment_intents, merchant.id) == 1
+    assert await services.sandbox.count_authorizations(merchant.id) == 1
+    assert_replay_of(await post(api, "/v1/payment_intents", data, key=key), retried)
 
 
 # ---------------------------------------------------------------------------------------------

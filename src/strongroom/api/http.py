@@ -25,7 +25,7 @@ from strongroom.auth.service import KeyHasher, PrincipalCache
 from strongroom.connectors.sandbox import SandboxProcessor
 from strongroom.errors import InvalidRequest, StrongroomError
 from strongroom.idempotency import service as idempotency
-from strongroom.idempotency.service import NULL_RECORDER, Claim, Finish, Recorder, Replay
+from strongroom.idempotency.service import NULL_RECORDER, Claim, Finish, NotHeld, Recorder, Replay
 from strongroom.payments.context import PaymentsContext
 from strongroom.settings import Settings
 from strongroom.store.db import Database
@@ -109,14 +109,18 @@ async def delete(
 class _HttpRecorder:
     """Stores the rendered result in the service's final transaction (see idempotency.service)."""
 
-    def __init__(self, claim: Claim, principal: Principal, render: Render) -> None:
+    def __init__(self, claim: Claim, principal: Principal, render: Render, db: Database) -> None:
         self._claim = claim
         self._principal = principal
         self._render = render
+        self._db = db
 
     @property
     def resume_id(self) -> str | None:
         return self._claim.resume_id
+
+    async def hold(self) -> None:
+        await self._claim.hold(self._db)
 
     async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None:
         await self._claim.checkpoint(conn, resource_id)
@@ -144,7 +148,12 @@ async def post(
     model: type[M],
     op: Callable[[Principal, M, Recorder], Awaitable[Any]],
     render_for: RenderFor,
+    *,
+    defer_claim: bool = False,
 ) -> Response:
+    """`defer_claim`: the key is written by the service's first recorded write, in its commit,
+    not on its own before (idempotency.deferred); only for a service that writes nothing before
+    that write (or calls `Recorder.hold` first)."""
     svc = services(request)
     principal = await authenticate(request, svc.db, svc.hasher, svc.principals)
     raw = await read_params(request)
@@ -158,19 +167,28 @@ async def post(
             )
         return await _run(svc, principal, params, op, render, NULL_RECORDER, None)
     idempotency.validate_key(key, svc.settings.idempotency.key_max_length)
+    fingerprinted = _without_card_data(raw, svc.hasher)
+    if defer_claim:
+        pending = idempotency.deferred(principal, key, request.method, request.url.path, fingerprinted)
+        try:
+            return await _run(
+                svc, principal, params, op, render, _HttpRecorder(pending, principal, render, svc.db), pending
+            )
+        except NotHeld:
+            pass  # the key has a record (or the request was refused): claimed below, then run again
     claimed = await idempotency.claim(
         svc.db,
         principal,
         key,
         request.method,
         request.url.path,
-        _without_card_data(raw, svc.hasher),
+        fingerprinted,
         lock_timeout_s=svc.settings.idempotency.lock_timeout_s,
         ttl_s=svc.settings.idempotency.ttl_s,
     )
     if isinstance(claimed, Replay):
         return json_response(claimed.body, claimed.status, {"Idempotent-Replayed": "true", "Idempotency-Key": key})
-    return await _run(svc, principal, params, op, render, _HttpRecorder(claimed, principal, render), claimed)
+    return await _run(svc, principal, params, op, render, _HttpRecorder(claimed, principal, render, svc.db), claimed)
 
 
 _CARD_SECRETS = ("number", "cvc")
@@ -204,10 +222,18 @@ async def _run(
     try:
         result = await op(principal, params, rec)
     except StrongroomError as exc:
+        if claim is not None and not claim.held:
+            # Refused before the key was written: what the key holds (a stored response, another
+            # request in flight, other parameters) must be answered first.
+            raise NotHeld(claim.key) from exc
         if claim is not None and not claim.stored:
             # Refused before it changed anything: a retry with the same key may run again.
             await claim.release(svc.db)
         return error_response(exc)
+    except sa_exc.IntegrityError as exc:
+        if claim is not None and not claim.held:
+            raise NotHeld(claim.key) from exc  # the deferred INSERT of the key found it taken
+        raise
     except sa_exc.TimeoutError:
         return _outcome_unknown(principal)
     if claim is not None and claim.stored:

@@ -8,6 +8,14 @@
 - A response is stored in the same transaction as the request's last write (`Recorder.finish`),
   so a stored response and the state it describes can never disagree.
 - Keys expire after `ttl_s` (at least 24 hours).
+
+A claim may be deferred (`deferred`, for a route whose service writes nothing before its first
+recorded write): the key's row is then not written first, on its own, but INSERTed by the
+request's first recorded write, in the same commit as the service's own writes. A new key (nearly
+every request) so costs no transaction of its own. A key that exists already makes that INSERT
+fail (a unique violation: the commit writes nothing) or the service's refusal come before any
+write; either way the request is then claimed the usual way (`NotHeld`) and runs again, so a
+replay, a conflict or a mismatch is answered exactly as without deferral.
 """
 
 from __future__ import annotations
@@ -36,6 +44,10 @@ class Recorder(Protocol):
     @property
     def resume_id(self) -> str | None: ...
 
+    async def hold(self) -> None:
+        """Make sure the key is held (written) before a write the recorder does not make (see
+        `deferred`); raises NotHeld when another request's record of the key exists."""
+
     async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None: ...
 
     def checkpoint_offline(self, resource_id: str) -> Finish:
@@ -61,6 +73,9 @@ NO_FINISH = Finish([], lambda: None)
 
 class _NullRecorder:
     resume_id: str | None = None
+
+    async def hold(self) -> None:
+        return None
 
     async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None:
         return None
@@ -90,6 +105,7 @@ _BY_KEY = sa.and_(
     keys.c.livemode == sa.bindparam("w_livemode"),
     keys.c.key == sa.bindparam("w_key"),
 )
+_INSERT = keys.insert()
 _CHECKPOINT = keys.update().where(_BY_KEY).values(resource_id=sa.bindparam("w_resource"))
 _STORE = (
     keys.update()
@@ -98,9 +114,14 @@ _STORE = (
 )
 
 
+class NotHeld(Exception):
+    """A deferred claim's key has a record already (or the request was refused before it wrote
+    one): claim the key the usual way, then run the request again."""
+
+
 @dataclass
 class Claim:
-    """This request holds the key."""
+    """This request holds the key (or, deferred, will hold it with its first recorded write)."""
 
     merchant_id: str
     livemode: bool
@@ -110,6 +131,12 @@ class Claim:
     stored: bool = False
     status: int = 0
     body: bytes = b""
+    # A deferred claim's row, not written yet: its first recorded write INSERTs it.
+    pending: dict[str, Any] | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.pending is None
 
     def _where(self) -> sa.ColumnElement[bool]:
         return sa.and_(
@@ -121,25 +148,43 @@ class Claim:
     def _key(self) -> dict[str, Any]:
         return {"w_merchant": self.merchant_id, "w_livemode": self.livemode, "w_key": self.key}
 
+    async def hold(self, db: Database) -> None:
+        if self.pending is None:
+            return
+        if await db.execute_one(insert_ignore(db.engine.dialect.name, keys), self.pending) != 1:
+            raise NotHeld(self.key)
+        self.pending = None
+
     async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None:
-        await conn.execute(_CHECKPOINT, self._key() | {"w_resource": resource_id})
-        self.resume_id = resource_id
+        write = self._checkpoint_write(resource_id)
+        await conn.execute(write.statement, write.params)
+        self.pending, self.resume_id = None, resource_id
 
     def checkpoint_offline(self, resource_id: str) -> Finish:
         def committed() -> None:
-            self.resume_id = resource_id
+            self.pending, self.resume_id = None, resource_id
 
-        return Finish([Write(_CHECKPOINT, self._key() | {"w_resource": resource_id})], committed)
+        return Finish([self._checkpoint_write(resource_id)], committed)
+
+    def _checkpoint_write(self, resource_id: str) -> Write:
+        if self.pending is not None:
+            return Write(_INSERT, self.pending | {"resource_id": resource_id})
+        return Write(_CHECKPOINT, self._key() | {"w_resource": resource_id})
 
     async def store(self, conn: AsyncConnection, status: int, body: bytes) -> None:
-        await conn.execute(_STORE, self._key() | {"w_status": status, "w_body": body})
-        self.stored, self.status, self.body = True, status, body
+        write = self.store_write(status, body)
+        await conn.execute(write.statement, write.params)
+        self.stored_as(status, body)
 
     def store_write(self, status: int, body: bytes) -> Write:
         """`store` as a write for a caller that commits it with others; `stored_as` once committed."""
+        if self.pending is not None:
+            stored = {"locked_at": None, "response_status": status, "response_body": body}
+            return Write(_INSERT, self.pending | stored)
         return Write(_STORE, self._key() | {"w_status": status, "w_body": body})
 
     def stored_as(self, status: int, body: bytes) -> None:
+        self.pending = None
         self.stored, self.status, self.body = True, status, body
 
     async def release(self, db: Database) -> None:
@@ -176,6 +221,27 @@ def _holds_card_number(key: str) -> bool:
     return 13 <= len(digits) <= 19 and digits.isdigit() and luhn_valid(digits)
 
 
+def deferred(principal: Principal, key: str, method: str, path: str, params: dict[str, Any]) -> Claim:
+    """A claim of a key believed new, written by the request's first recorded write (see the
+    module's docstring). The service must write nothing before that, or call `hold` first."""
+    now = utcnow()
+    row = _new_row(principal, key, fingerprint(method, path, params), method, path, now)
+    return Claim(principal.merchant_id, principal.livemode, key, resume_id=None, recovered=False, pending=row)
+
+
+def _new_row(principal: Principal, key: str, fp: bytes, method: str, path: str, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "merchant_id": principal.merchant_id,
+        "livemode": principal.livemode,
+        "key": key,
+        "fingerprint": fp,
+        "method": method,
+        "path": path,
+        "created": now,
+        "locked_at": now,
+    }
+
+
 async def claim(
     db: Database,
     principal: Principal,
@@ -190,16 +256,7 @@ async def claim(
     fp = fingerprint(method, path, params)
     now = utcnow()
     fresh = Claim(principal.merchant_id, principal.livemode, key, resume_id=None, recovered=False)
-    new_row = {
-        "merchant_id": principal.merchant_id,
-        "livemode": principal.livemode,
-        "key": key,
-        "fingerprint": fp,
-        "method": method,
-        "path": path,
-        "created": now,
-        "locked_at": now,
-    }
+    new_row = _new_row(principal, key, fp, method, path, now)
     # A new key (nearly every request) is claimed by one autocommitted statement; only a key
     # seen before needs the locking read below.
     if await db.execute_one(insert_ignore(db.engine.dialect.name, keys), new_row) == 1:

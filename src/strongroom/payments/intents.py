@@ -56,6 +56,8 @@ async def create(ctx: PaymentsContext, principal: Principal, p: IntentCreate, re
     # (store.group). A test alias stores a new payment method: that needs a transaction.
     alias = p.payment_method is not None and methods.is_alias(principal, p.payment_method)
     pm: Row | None = None
+    if alias:
+        await rec.hold()  # storing the alias's payment method is a write of its own
     if alias or p.customer is not None:
         async with ctx.db.tx() if alias else ctx.db.single() as conn:
             if p.customer is not None:

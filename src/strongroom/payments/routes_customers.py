@@ -62,6 +62,10 @@ class _Deferred:
 
     def __init__(self, rec: Recorder) -> None:
         self.resume_id = rec.resume_id
+        self._rec = rec
+
+    async def hold(self) -> None:
+        await self._rec.hold()
 
     async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None:
         return None
