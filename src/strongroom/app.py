@@ -75,7 +75,11 @@ def key_hasher(settings: Settings) -> KeyHasher:
 
 
 def build_services(settings: Settings, db: Database, public_url: str) -> Services:
-    sandbox = SandboxProcessor(db, group_commit_max=settings.database.group_commit_max)
+    sandbox = SandboxProcessor(
+        db,
+        group_commit_max=settings.database.group_commit_max,
+        group_commit_turns=settings.database.group_commit_gather_turns,
+    )
     vault, relay = _vault_and_relay(settings, db, sandbox)
     router = Router(sandbox=SandboxConnector(sandbox, relay, url=settings.payments.sandbox_url))
     payments = PaymentsContext(
@@ -86,7 +90,10 @@ def build_services(settings: Settings, db: Database, public_url: str) -> Service
         lock_timeout_s=settings.idempotency.lock_timeout_s,
         public_url=public_url.rstrip("/"),
         commits=GroupCommit(
-            db, max_batch=settings.database.group_commit_max, max_writers=settings.database.group_commit_writers
+            db,
+            max_batch=settings.database.group_commit_max,
+            max_writers=settings.database.group_commit_writers,
+            gather_turns=settings.database.group_commit_gather_turns,
         ),
     )
     return Services(
@@ -121,6 +128,7 @@ def _vault_and_relay(settings: Settings, db: Database, sandbox: SandboxProcessor
         timeout_s=settings.payments.processor_timeout_s,
         local_apps={SANDBOX_ORIGIN: SandboxHttp(sandbox)},
         group_commit_max=settings.database.group_commit_max,
+        group_commit_turns=settings.database.group_commit_gather_turns,
     )
     return vault, relay
 

@@ -166,3 +166,23 @@ async def test_a_unit_queued_as_the_writer_finishes_is_still_written(
     assert await group.commit([_event(merchant, "evt_first")])
     assert await asyncio.wait_for(later[0], timeout=10)
     assert await _ids(db, merchant) == {"evt_first", "evt_second"}
+
+
+@pytest.mark.parametrize(("turns", "transactions"), [(0, 2), (4, 1)])
+async def test_a_unit_committed_a_turn_after_another_joins_its_batch_when_the_writer_gathers(
+    db: Database, turns: int, transactions: int
+) -> None:
+    """A writer that lets event-loop turns pass before taking its batch (`gather_turns`) takes
+    a unit committed a turn later into the same transaction; one that does not, writes the first
+    unit alone. Both units are written either way."""
+    merchant = "acct_" + secrets.token_hex(6)
+    group = GroupCommit(db, max_batch=64, max_writers=1, gather_turns=turns)
+    commits = _count_commits(db)
+    first = asyncio.ensure_future(group.commit([_event(merchant, "evt_first")]))
+    await asyncio.sleep(0)  # the first unit is queued and its writer scheduled
+    # The second is queued one turn later, after the writer's first step (asyncio runs ready
+    # callbacks in order): a writer that does not gather has taken the first unit alone by then.
+    second = group.commit([_event(merchant, "evt_second")])
+    assert await asyncio.gather(first, second) == [True, True]
+    assert await _ids(db, merchant) == {"evt_first", "evt_second"}
+    assert await _transactions(db, merchant, commits) == transactions

@@ -256,7 +256,7 @@ async def test_a_connection_lost_mid_batch_loses_no_unit_each_is_written_once(
 ) -> None:
     """The batch's connection dies under it (a PostgreSQL restart, a failover, a killed backend):
     the batch fails as a whole and every unit is then written alone, once, on a new connection.
-    Guarded: as a payment's last batch is, in a transaction after its locking read."""
+    Guarded: as a payment's last batch is (one statement that locks, checks and writes)."""
     merchant = "acct_" + secrets.token_hex(6)
     names = ["evt_a", "evt_b", "evt_c"]
     guards: list[Guard | None] = [None] * len(names)
@@ -264,17 +264,20 @@ async def test_a_connection_lost_mid_batch_loses_no_unit_each_is_written_once(
         async with db.tx() as conn:
             await execute(conn, [Write(_INSERT, _row(merchant, f"{n}_seed")) for n in names])
         guards = [Guard(events, merchant, False, f"{n}_seed", {"type": "test.grouped"}) for n in names]
-    original = group_module._run
     killed: list[int] = []
 
-    async def run_on_a_dying_connection(driver: Any, sql: str, args: list[tuple[Any, ...]]) -> None:
-        if not killed:
-            killed.append(driver.get_server_pid())
-            async with db.raw() as other:
-                assert await other.fetchval("SELECT pg_terminate_backend($1)", killed[0])
-        await original(driver, sql, args)
+    def on_a_dying_connection(original: Any) -> Any:
+        async def run(driver: Any, sql: str, args: Any) -> Any:
+            if not killed:
+                killed.append(driver.get_server_pid())
+                async with db.raw() as other:
+                    assert await other.fetchval("SELECT pg_terminate_backend($1)", killed[0])
+            return await original(driver, sql, args)
 
-    monkeypatch.setattr(group_module, "_run", run_on_a_dying_connection)
+        return run
+
+    for name in ("_run", "_fetch"):  # the statements of an autocommitted batch; a guarded one's
+        monkeypatch.setattr(group_module, name, on_a_dying_connection(getattr(group_module, name)))
     group = GroupCommit(db, max_batch=64, max_writers=1)
 
     results = await asyncio.gather(
@@ -292,3 +295,71 @@ async def test_a_connection_lost_mid_batch_loses_no_unit_each_is_written_once(
             )
         ).all()
     assert sorted(counted) == [(n, 1) for n in names]
+
+
+async def _seed(db: Database, merchant: str, *ids: str) -> None:
+    async with db.tx() as conn:
+        await execute(conn, [Write(_INSERT, _row(merchant, n, type="state.a")) for n in ids])
+
+
+async def test_a_guarded_batch_is_one_statement_and_writes_only_when_every_guard_holds(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All guards holding: the batch is one statement (no transaction block, no separate locking
+    read) and writes every unit. One guard failing: that statement writes nothing, and the units
+    whose guards hold are then written the usual way; the failing one writes nothing."""
+    merchant = "acct_" + secrets.token_hex(6)
+    await _seed(db, merchant, "s1", "s2", "s3")
+    statements: list[str] = []
+    original = group_module._fetch
+
+    async def fetch(driver: Any, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        statements.append(sql)
+        return await original(driver, sql, args)
+
+    monkeypatch.setattr(group_module, "_fetch", fetch)
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+
+    def unit(name: str, guarded: str, expected: str) -> Any:
+        return group.commit(
+            [Write(_INSERT, _row(merchant, name))], Guard(events, merchant, False, guarded, {"type": expected})
+        )
+
+    assert await asyncio.gather(unit("x1", "s1", "state.a"), unit("x2", "s2", "state.a")) == [True, True]
+    assert len(statements) == 1 and "FOR UPDATE" in statements[0]
+    mixed = await asyncio.gather(unit("y1", "s1", "state.a"), unit("y2", "s2", "state.b"), unit("y3", "s3", "state.a"))
+    assert mixed == [True, False, True]
+    assert set(await _stored(db, merchant)) == {"s1", "s2", "s3", "x1", "x2", "y1", "y3"}
+
+
+async def test_a_guard_changed_by_a_transaction_the_batch_waited_for_fails_and_the_rest_commit(db: Database) -> None:
+    """Another transaction holds a guarded row and changes it: the batch waits for its lock and
+    then checks the row's committed new version, not the one in its snapshot. That unit writes
+    nothing; the other unit of the same batch commits."""
+    merchant = "acct_" + secrets.token_hex(6)
+    await _seed(db, merchant, "s1", "s2")
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+    async with db.raw() as other, db.raw() as watcher:
+        changing = other.transaction()
+        await changing.start()
+        await other.execute("UPDATE events SET type = 'state.b' WHERE merchant_id = $1 AND id = 's1'", merchant)
+        batch = asyncio.gather(
+            *(
+                group.commit(
+                    [Write(_INSERT, _row(merchant, name))], Guard(events, merchant, False, seed, {"type": "state.a"})
+                )
+                for name, seed in (("x1", "s1"), ("x2", "s2"))
+            )
+        )
+        for _ in range(100):  # until the batch waits for the row lock
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting, "the batch never waited for the row lock"
+        await changing.commit()
+        results = await batch
+    assert results == [False, True]
+    assert set(await _stored(db, merchant)) == {"s1", "s2", "x2"}

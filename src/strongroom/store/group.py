@@ -78,10 +78,12 @@ async def execute(conn: AsyncConnection, writes: Sequence[Write]) -> None:
 
 
 class GroupCommit:
-    def __init__(self, db: Database, *, max_batch: int, max_writers: int) -> None:
+    def __init__(self, db: Database, *, max_batch: int, max_writers: int, gather_turns: int = 0) -> None:
         self._db = db
         self._max_batch = max(1, max_batch)
         self._max_writers = max(1, max_writers)
+        # Event-loop turns a writer lets pass before it takes each batch (see settings).
+        self._gather_turns = max(0, gather_turns)
         self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = weakref.WeakKeyDictionary()
 
     async def commit(self, writes: Sequence[Write], guard: Guard | None = None) -> bool:
@@ -100,6 +102,10 @@ class GroupCommit:
         batch: list[Unit] = []
         try:
             while lane.queue:
+                for _ in range(self._gather_turns):
+                    # Requests a turn or two from their commit join this batch: fewer, larger
+                    # batches (each costs a commit), for no wait beyond the loop's own turns.
+                    await asyncio.sleep(0)
                 batch, lane.queue = lane.queue[: self._max_batch], lane.queue[self._max_batch :]
                 try:
                     results = await self._batch(batch)
@@ -180,26 +186,40 @@ def _translatable(batch: Sequence[Unit], dialect: Dialect) -> bool:
 
 
 async def _write_asyncpg(db: Database, batch: Sequence[Unit]) -> list[bool]:
-    """`_write` on an asyncpg connection of its own (see store.pg). Each shape of unit is one
-    statement for the whole batch; a batch of one shape without guards is that one statement
-    alone, its own transaction, with no BEGIN or COMMIT round trip."""
+    """`_write` on an asyncpg connection of its own (see store.pg). When every statement of the
+    batch has an unnest form (nearly always), the whole batch is ONE statement: its own implicit
+    transaction, with no BEGIN or COMMIT round trip, behind its guards (pg.guarded) if it has
+    any. Otherwise, or when a guard failed, a transaction: the guards checked by a locking read,
+    then each shape of unit's statements."""
     dialect = db.engine.dialect
+    everyone = [True] * len(batch)
+    guards = [unit.guard for unit in batch if unit.guard is not None]
+    # Shapes in a fixed order: fewer distinct statements for the driver to prepare.
+    combined = _combined(dialect, [units for _, units in sorted(_by_shape(batch, everyone).items())])
     async with db.raw() as driver:
-        if any(unit.guard is not None for unit in batch):
-            async with driver.transaction():
-                passed = await _check_guards_asyncpg(driver, dialect, batch)
-                for sql, args in _work(dialect, batch, passed):
-                    await _run(driver, sql, args)
-            return passed
-        passed = [True] * len(batch)
-        work = _work(dialect, batch, passed)
-        if len(work) == 1:
-            await _run(driver, *work[0])
-        else:
-            async with driver.transaction():
-                for sql, args in work:
-                    await _run(driver, sql, args)
+        if combined is not None and not guards:
+            await _run(driver, pg.combined(combined[0]), [combined[1]])
+            return everyone
+        if combined is not None and _alike(guards):
+            columns = tuple(sorted(guards[0].expected))
+            statement = pg.guarded(guards[0].table, columns, combined[0], dialect)
+            keyed = [(g.merchant_id, g.livemode, g.id, g.expected) for g in guards]
+            found = await _fetch(driver, statement.sql, (*statement.args(keyed, columns), *combined[1]))
+            if len(found) == len(guards):
+                return everyone
+            # A guard failed, so the statement wrote nothing: which units may still write is
+            # sorted out below (each guard checked on its own, in a transaction).
+        async with driver.transaction():
+            passed = await _check_guards_asyncpg(driver, dialect, batch)
+            for sql, args in _work(dialect, batch, passed):
+                await _run(driver, sql, args)
         return passed
+
+
+def _alike(guards: list[Guard]) -> bool:
+    """Guards on one table, each expecting the same columns: what one guarded statement checks."""
+    columns = sorted(guards[0].expected)
+    return all(g.table is guards[0].table and sorted(g.expected) == columns for g in guards)
 
 
 def _work(dialect: Dialect, batch: Sequence[Unit], passed: list[bool]) -> list[tuple[str, list[tuple[Any, ...]]]]:
@@ -207,13 +227,32 @@ def _work(dialect: Dialect, batch: Sequence[Unit], passed: list[bool]) -> list[t
     shape with a statement that has no unnest form, its statements one after another."""
     work: list[tuple[str, list[tuple[Any, ...]]]] = []
     for units in _by_shape(batch, passed).values():
-        runs = [(pg.plan(statement, tuple(params[0]), dialect), params) for statement, params in _statements(units)]
-        if all(plan.unnest for plan, _ in runs):
-            arguments = tuple(value for plan, params in runs for value in plan.args(params)[0])
-            work.append((pg.combined([plan for plan, _ in runs]), [arguments]))
+        combined = _combined(dialect, [units])
+        if combined is not None:
+            work.append((pg.combined(combined[0]), [combined[1]]))
         else:
-            work.extend((plan.sql, plan.args(params)) for plan, params in runs)
+            for statement, params in _statements(units):
+                plan = pg.plan(statement, tuple(params[0]), dialect)
+                work.append((plan.sql, plan.args(params)))
     return work
+
+
+def _combined(dialect: Dialect, shapes: list[list[Unit]]) -> tuple[list[pg.Plan], tuple[Any, ...]] | None:
+    """The plans of every shape's statements and all their arguments as one tuple, when each
+    statement has an unnest form (one execution for all the units); None otherwise."""
+    runs = [
+        (pg.plan(statement, tuple(params[0]), dialect), params)
+        for units in shapes
+        for statement, params in _statements(units)
+    ]
+    if not all(plan.unnest for plan, _ in runs):
+        return None
+    return [plan for plan, _ in runs], tuple(value for plan, params in runs for value in plan.args(params)[0])
+
+
+async def _fetch(driver: Any, sql: str, args: tuple[Any, ...]) -> list[Any]:
+    rows: list[Any] = await driver.fetch(sql, *args)
+    return rows
 
 
 async def _run(driver: Any, sql: str, args: list[tuple[Any, ...]]) -> None:

@@ -49,6 +49,7 @@ class Plan:
     unnest: bool  # one execution for N rows (column arrays, or one JSON document)
     columns: tuple[str, ...] = ()  # a SELECT's result keys, as SQLAlchemy's row mapping has them
     document: bool = False  # the rows as ONE JSON document parameter (see _insert_plan)
+    where: bool = False  # the SQL ends in a WHERE clause (a condition is added with AND)
 
     @property
     def parameters(self) -> int:
@@ -226,7 +227,7 @@ def _update_plan(statement: sa.Executable, keys: tuple[str, ...], dialect: Diale
     # Identifiers and types come from the schema, quoted by the dialect; values are parameters.
     sql = f"UPDATE {name} SET {assignments} FROM unnest({arrays}) AS v({aliases}) WHERE {conditions}"  # noqa: S608
     processors = tuple(_processor(c.type, dialect) for c, _ in columns)
-    return Plan(sql, tuple(n for _, n in columns), constants, processors, unnest=True)
+    return Plan(sql, tuple(n for _, n in columns), constants, processors, unnest=True, where=True)
 
 
 _COMBINED: dict[tuple[int, ...], tuple[tuple[Plan, ...], str]] = {}
@@ -321,4 +322,78 @@ def guard_plan(table: sa.Table, columns: tuple[str, ...], dialect: Dialect) -> G
     )
     built = GuardPlan(sql, types)
     _GUARDS[(table, columns)] = built
+    return built
+
+
+_GUARDED: dict[tuple[sa.Table, tuple[str, ...], tuple[int, ...]], tuple[tuple[Plan, ...], GuardedPlan]] = {}
+
+
+@dataclass(frozen=True)
+class GuardedPlan:
+    """A guarded batch as ONE statement: the guarded rows locked and checked, and every write
+    made only if every guard held (see `guarded`)."""
+
+    sql: str
+    processors: tuple[Processor, ...]  # of the expected columns' values
+
+    def args(
+        self, guards: Sequence[tuple[str, bool, str, Mapping[str, Any]]], columns: tuple[str, ...]
+    ) -> tuple[Any, ...]:
+        values = [[g[0] for g in guards], [g[1] for g in guards], [g[2] for g in guards]]
+        for column, proc in zip(columns, self.processors, strict=True):
+            values.append([_processed(g[3][column], proc) for g in guards])
+        return tuple(values)
+
+
+def _processed(value: Any, proc: Processor) -> Any:
+    return value if proc is None or value is None else proc(value)
+
+
+def guarded(table: sa.Table, columns: tuple[str, ...], plans: Sequence[Plan], dialect: Dialect) -> GuardedPlan:
+    """`combined` behind a guard, in one statement and so one implicit transaction: no BEGIN, no
+    separate locking read, no COMMIT round trip. The `_guard` query locks (FOR UPDATE, in key
+    order, as `guard_plan`) the rows of `table` that still hold their expected `columns` values;
+    each write runs only if that found every guarded row. The statement returns the rows found:
+    fewer than asked means nothing was written (a caller then sorts the units out the usual way).
+
+    Concurrent changes: a row changed and committed since the statement's snapshot is locked in
+    its newest version and checked again (READ COMMITTED's re-check of FOR UPDATE), so a guard
+    never passes on a version that is not the latest; the writes then act on rows this statement
+    holds locked."""
+    cache_key = (table, columns, tuple(id(p) for p in plans))
+    cached = _GUARDED.get(cache_key)
+    if cached is not None and all(a is b for a, b in zip(cached[0], plans, strict=True)):
+        return cached[1]
+    quote = dialect.identifier_preparer.quote
+    name = dialect.identifier_preparer.format_table(table)
+    key = ("merchant_id", "livemode", "id")
+    checked = [table.c[c] for c in (*key, *columns)]
+    arrays = ", ".join(f"${n}::{_array_type(c, dialect)}" for n, c in enumerate(checked, start=1))
+    aliases = ", ".join(f"v{n}" for n in range(len(checked)))
+    conditions = [
+        f"_t.{quote(c.name)} = ANY(${n + 1}::{_array_type(c, dialect)}) AND _t.{quote(c.name)} = v.v{n}"
+        for n, c in enumerate(checked[:3])
+    ]
+    conditions += [f"_t.{quote(c.name)} IS NOT DISTINCT FROM v.v{n}" for n, c in enumerate(checked) if n >= 3]
+    listed = ", ".join(f"_t.{quote(k)}" for k in key)
+    # Identifiers and types come from the schema, quoted by the dialect; values are parameters.
+    guard = (
+        f"_guard AS (SELECT {listed} FROM {name} AS _t, unnest({arrays}) AS v({aliases}) "  # noqa: S608
+        f"WHERE {' AND '.join(conditions)} "
+        f"ORDER BY _t.{quote('merchant_id')}, _t.{quote('id')} FOR UPDATE OF _t)"
+    )
+    gate = f"(SELECT count(*) FROM _guard) = cardinality($3::{_array_type(table.c.id, dialect)})"  # noqa: S608
+    parts, offset = [guard], len(checked)
+    for n, one in enumerate(plans):
+        if not one.unnest:
+            raise Untranslatable(one.sql)
+        sql = _PARAMETER.sub(functools.partial(_shifted, offset), one.sql)
+        parts.append(f"w{n} AS ({sql} {'AND' if one.where else 'WHERE'} {gate})")
+        offset += one.parameters
+    selected = ", ".join(quote(k) for k in key)
+    built = GuardedPlan(
+        "WITH " + ", ".join(parts) + f" SELECT {selected} FROM _guard",  # noqa: S608
+        tuple(_processor(c.type, dialect) for c in checked[3:]),
+    )
+    _GUARDED[cache_key] = (tuple(plans), built)
     return built

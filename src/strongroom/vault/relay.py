@@ -132,10 +132,11 @@ class Relay:
         timeout_s: float,
         local_apps: Mapping[str, AsgiApp] | None = None,
         group_commit_max: int = 64,
+        group_commit_turns: int = 0,
     ) -> None:
         self._vault = vault
         self._db = db
-        self._commits = GroupCommit(db, max_batch=group_commit_max, max_writers=1)
+        self._commits = GroupCommit(db, max_batch=group_commit_max, max_writers=1, gather_turns=group_commit_turns)
         self._allowlist = allowlist
         self._timeout_s = timeout_s
         # Local test processors reached in-process (an ASGI app, no network); all else over TLS.

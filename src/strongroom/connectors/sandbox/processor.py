@@ -104,9 +104,9 @@ class SandboxCharge:
 
 
 class SandboxProcessor:
-    def __init__(self, db: Database, *, group_commit_max: int = 64) -> None:
+    def __init__(self, db: Database, *, group_commit_max: int = 64, group_commit_turns: int = 0) -> None:
         self._db = db
-        self._commits = GroupCommit(db, max_batch=group_commit_max, max_writers=1)
+        self._commits = GroupCommit(db, max_batch=group_commit_max, max_writers=1, gather_turns=group_commit_turns)
 
     async def authorize(
         self,
