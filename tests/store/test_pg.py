@@ -363,3 +363,73 @@ async def test_a_guard_changed_by_a_transaction_the_batch_waited_for_fails_and_t
         results = await batch
     assert results == [False, True]
     assert set(await _stored(db, merchant)) == {"s1", "s2", "x2"}
+
+
+_BY_KEY = sa.select(events.c.id, events.c.type).where(
+    events.c.merchant_id == sa.bindparam("m"), events.c.id == sa.bindparam("i")
+)
+
+
+@pytest.fixture
+async def gathering(database_url: str) -> AsyncIterator[tuple[Database, list[int]]]:
+    """A database whose `fetch_one` gathers lookups for 4 turns, and a count of its driver
+    connection checkouts (one per statement sent)."""
+    database = Database(database_url, read_gather_turns=4)
+    checkouts = [0]
+    raw = database.raw
+
+    def counted() -> Any:
+        checkouts[0] += 1
+        return raw()
+
+    database.raw = counted  # type: ignore[method-assign]
+    database._reads._connect = counted
+    yield database, checkouts
+    await database.dispose()
+
+
+async def test_concurrent_lookups_of_one_statement_are_one_statement_with_each_its_own_answer(
+    gathering: tuple[Database, list[int]], db: Database
+) -> None:
+    """Lookups by key arriving together (present, absent, the same key twice) are sent as one
+    statement, and each gets exactly what it would get alone (`db`, which sends each alone)."""
+    database, checkouts = gathering
+    merchant = "acct_" + secrets.token_hex(6)
+    await _seed(database, merchant, "s1", "s2", "s3")
+    keys = ["s1", "nowhere", "s2", "s1", "s3", "also_nowhere"]
+    checkouts[0] = 0
+    together = await asyncio.gather(*(database.fetch_one(_BY_KEY, {"m": merchant, "i": k}) for k in keys))
+    assert checkouts[0] == 1
+    alone = [await db.fetch_one(_BY_KEY, {"m": merchant, "i": k}) for k in keys]
+    assert together == alone
+    assert [row and row["id"] for row in together] == ["s1", None, "s2", "s1", "s3", None]
+    assert await database.fetch_one(_BY_KEY, {"m": merchant, "i": "s2"}) == {"id": "s2", "type": "state.a"}
+
+
+async def test_a_lookup_with_a_value_postgresql_refuses_fails_alone(gathering: tuple[Database, list[int]]) -> None:
+    """One lookup's value fails the shared statement (a NUL byte is not text to PostgreSQL):
+    each lookup then runs alone, so only that request gets the error."""
+    database, _ = gathering
+    merchant = "acct_" + secrets.token_hex(6)
+    await _seed(database, merchant, "s1", "s2")
+    results = await asyncio.gather(
+        *(database.fetch_one(_BY_KEY, {"m": merchant, "i": k}) for k in ["s1", "bad\x00id", "s2"]),
+        return_exceptions=True,
+    )
+    assert results[0] == {"id": "s1", "type": "state.a"}
+    assert isinstance(results[1], Exception)
+    assert results[2] == {"id": "s2", "type": "state.a"}
+
+
+async def test_a_lookup_cancelled_while_gathered_leaves_the_others_answered(
+    gathering: tuple[Database, list[int]],
+) -> None:
+    database, _ = gathering
+    merchant = "acct_" + secrets.token_hex(6)
+    await _seed(database, merchant, "s1", "s2")
+    tasks = [asyncio.ensure_future(database.fetch_one(_BY_KEY, {"m": merchant, "i": k})) for k in ["s1", "s2"]]
+    await asyncio.sleep(0)
+    tasks[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    assert await tasks[1] == {"id": "s2", "type": "state.a"}

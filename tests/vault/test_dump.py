@@ -19,8 +19,10 @@ from tests.factories import card_payment_method, create_intent
 
 AMEX = "378282246310005"
 CVC = "8167"
-# The CVC as a value of its own, not inside a longer run of digits or an id.
-CVC_TOKEN = re.compile(rb"(?<![0-9A-Za-z])" + CVC.encode() + rb"(?![0-9A-Za-z])")
+# The CVC as a value of its own (a COPY field, a JSON value), not inside a longer run of digits,
+# an id or a random token: base64url tokens and timestamps' fractions hold "-8167_" or ".8167+"
+# by chance now and then (seen once in CI-like runs).
+CVC_TOKEN = re.compile(rb"(?<![0-9A-Za-z_.\-])" + CVC.encode() + rb"(?![0-9A-Za-z_.\-])")
 
 PG_PARAMS = ["postgres"] if os.environ.get("STRONGROOM_TEST_DATABASE_URL") else []
 pytestmark = pytest.mark.parametrize("database_url", PG_PARAMS, indirect=True)
@@ -45,4 +47,5 @@ async def test_p1_p3_pg_dump_holds_neither_pan_nor_cvc_after_amex_payments(api, 
     assert b"vault_cards" in dump and b"payment_intents" in dump  # a real, complete dump
     assert AMEX.encode() not in dump
     assert b"-".join([AMEX[:4].encode(), AMEX[4:10].encode(), AMEX[10:].encode()]) not in dump
-    assert not CVC_TOKEN.search(dump), "the CVC is in the dump"
+    found = CVC_TOKEN.search(dump)
+    assert found is None, f"the CVC is in the dump: {dump[found.start() - 80 : found.end() + 80]!r}"

@@ -43,6 +43,7 @@ class Database:
         pool_size: int = 10,
         pool_timeout_s: float = 30.0,
         raw_pool_size: int = 10,
+        read_gather_turns: int = 0,
         echo: bool = False,
     ) -> None:
         parsed = make_url(url)
@@ -72,6 +73,10 @@ class Database:
         self._raw_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Any]] = (
             weakref.WeakKeyDictionary()
         )
+        from strongroom.store.reads import GroupRead
+
+        # `fetch_one` lookups of one statement arriving together go as one (store.reads).
+        self._reads = GroupRead(self.raw, gather_turns=read_gather_turns)
 
     @property
     def dialect(self) -> str:
@@ -149,10 +154,7 @@ class Database:
                 return None if row is None else dict(row)
         from strongroom.store import pg
 
-        plan = pg.plan(statement, tuple(params), self.engine.dialect)
-        async with self.raw() as conn:
-            record = await conn.fetchrow(plan.sql, *plan.args([params])[0])
-        return None if record is None else dict(zip(plan.columns, record, strict=True))
+        return await self._reads.fetch_one(pg.plan(statement, tuple(params), self.engine.dialect), params)
 
     async def execute_one(self, statement: sa.Executable, params: Mapping[str, Any]) -> int:
         """One statement on its own (autocommit, durable when it returns); the rows it changed."""

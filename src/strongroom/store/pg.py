@@ -50,6 +50,7 @@ class Plan:
     columns: tuple[str, ...] = ()  # a SELECT's result keys, as SQLAlchemy's row mapping has them
     document: bool = False  # the rows as ONE JSON document parameter (see _insert_plan)
     where: bool = False  # the SQL ends in a WHERE clause (a condition is added with AND)
+    types: tuple[str, ...] = ()  # a SELECT's parameter types, as SQL (what `batched` casts to)
 
     @property
     def parameters(self) -> int:
@@ -274,6 +275,7 @@ def _compiled_plan(statement: sa.Executable, keys: tuple[str, ...], dialect: Dia
         raise Untranslatable(str(statement))
     constants: dict[str, Any] = {}
     processors = []
+    types = []
     for name in compiled.positiontup:
         bind = compiled.binds[name]
         if bind.expanding or bind.callable is not None:
@@ -283,7 +285,60 @@ def _compiled_plan(statement: sa.Executable, keys: tuple[str, ...], dialect: Dia
                 raise Untranslatable(f"parameter {name} is missing")
             constants[name] = bind.value
         processors.append(_processor(bind.type, dialect))
-    return Plan(compiled.string, tuple(compiled.positiontup), constants, tuple(processors), False, columns)
+        types.append(_sql_type(bind.type, dialect))
+    return Plan(
+        compiled.string,
+        tuple(compiled.positiontup),
+        constants,
+        tuple(processors),
+        False,
+        columns,
+        types=tuple(types) if columns and all(types) else (),
+    )
+
+
+def _sql_type(type_: sa.types.TypeEngine[Any], dialect: Dialect) -> str:
+    """The parameter's type as SQL, without a length (see _array_type); "" if it has none."""
+    try:
+        return _LENGTH.sub("", type_.compile(dialect=dialect))
+    except sa.exc.CompileError:
+        return ""
+
+
+@dataclass(frozen=True)
+class BatchedSelect:
+    sql: str
+    plan: Plan
+
+    def args(self, rows: Sequence[Mapping[str, Any]]) -> tuple[list[Any], ...]:
+        """One array per parameter, the rows' values in order."""
+        return tuple(list(column) for column in zip(*self.plan.args(rows), strict=True))
+
+
+_BATCHED: dict[int, tuple[Plan, BatchedSelect]] = {}
+
+
+def batched(plan: Plan) -> BatchedSelect | None:
+    """A SELECT by parameters for N parameter sets in ONE execution: the parameters as arrays,
+    unnested WITH ORDINALITY, and the SELECT run per set (LATERAL, an index lookup each for a
+    select by key). Each row comes back with its set's ordinal (from 1) as its first column.
+    None for a plan that is not a SELECT or whose parameter types are not known."""
+    cached = _BATCHED.get(id(plan))
+    if cached is not None and cached[0] is plan:
+        return cached[1]
+    if not plan.types or not plan.columns:
+        return None
+    arrays = ", ".join(f"${n}::{t}[]" for n, t in enumerate(plan.types, start=1))
+    names = ", ".join(f"_p{n}" for n in range(1, len(plan.types) + 1))
+    inner = _PARAMETER.sub(lambda m: f"_v._p{m.group(1)}", plan.sql)
+    # The SELECT is this module's own compiled statement; values are parameters.
+    sql = (
+        f"SELECT _v._ord, _r.* FROM unnest({arrays}) WITH ORDINALITY AS _v({names}, _ord) "  # noqa: S608
+        f"CROSS JOIN LATERAL ({inner}) AS _r"
+    )
+    built = BatchedSelect(sql, plan)
+    _BATCHED[id(plan)] = (plan, built)
+    return built
 
 
 @dataclass(frozen=True)

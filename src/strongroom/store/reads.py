@@ -1,0 +1,114 @@
+"""Group reads (PostgreSQL): concurrent lookups of one statement sent as one statement.
+
+Every payment reads its payment method and, in the vault, its card: each a SELECT by key on its
+own (`Database.fetch_one`). Each is a round trip, and on this machine the write to PostgreSQL's
+socket was the largest single cost of a payment in the server (py-spy --native: a quarter of the
+event loop's time, nearly all of it in `write`). Lookups of the same statement that arrive
+within a few event-loop turns of each other go as one (pg.batched): N parameter sets, one
+execution, one round trip. Alone, a lookup is its plain statement. A batch that fails is run
+again one lookup at a time, so a bad value fails only its own request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from strongroom.store import pg
+
+Row = dict[str, Any]
+
+
+@dataclass
+class _Lookup:
+    params: Mapping[str, Any]
+    done: asyncio.Future[Row | None]
+
+
+@dataclass
+class _Lane:
+    """One event loop's pending lookups, by plan (futures belong to the loop that made them)."""
+
+    pending: dict[int, tuple[pg.Plan, list[_Lookup]]] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class GroupRead:
+    def __init__(self, connect: Callable[[], AbstractAsyncContextManager[Any]], *, gather_turns: int) -> None:
+        self._connect = connect
+        self._gather_turns = max(0, gather_turns)
+        self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = weakref.WeakKeyDictionary()
+
+    async def fetch_one(self, plan: pg.Plan, params: Mapping[str, Any]) -> Row | None:
+        if self._gather_turns == 0 or pg.batched(plan) is None:
+            return await self._alone(plan, params)
+        loop = asyncio.get_running_loop()
+        lane = self._lanes.setdefault(loop, _Lane())
+        lookup = _Lookup(params, loop.create_future())
+        queued = lane.pending.get(id(plan))
+        if queued is None:
+            lane.pending[id(plan)] = (plan, [lookup])
+            task = loop.create_task(self._gather(lane, plan))
+            lane.tasks.add(task)
+            task.add_done_callback(lane.tasks.discard)
+        else:
+            queued[1].append(lookup)
+        # Shielded: a request cancelled while waiting must not cancel the others' batch.
+        return await asyncio.shield(lookup.done)
+
+    async def _gather(self, lane: _Lane, plan: pg.Plan) -> None:
+        batch: list[_Lookup] = []
+        try:
+            for _ in range(self._gather_turns):
+                await asyncio.sleep(0)  # lookups a turn or two behind join this one
+            batch = lane.pending.pop(id(plan))[1]
+            await self._run(plan, batch)
+        except BaseException:
+            # Cancelled (shutdown): no request may wait forever for a batch that is gone.
+            for lookup in batch:
+                lookup.done.cancel()
+            raise
+
+    async def _run(self, plan: pg.Plan, batch: list[_Lookup]) -> None:
+        statement = pg.batched(plan)
+        if len(batch) > 1 and statement is not None:
+            try:
+                rows = await self._together(plan, statement, batch)
+            except Exception:  # noqa: S110 - each lookup is run alone below, and fails alone
+                pass
+            else:
+                for lookup, row in zip(batch, rows, strict=True):
+                    _settle(lookup, row)
+                return
+        for lookup in batch:
+            try:
+                row = await self._alone(plan, lookup.params)
+            except Exception as exc:
+                if not lookup.done.done():
+                    lookup.done.set_exception(exc)
+                continue
+            _settle(lookup, row)
+
+    async def _together(self, plan: pg.Plan, statement: pg.BatchedSelect, batch: list[_Lookup]) -> list[Row | None]:
+        async with self._connect() as conn:
+            records = await conn.fetch(statement.sql, *statement.args([lookup.params for lookup in batch]))
+        rows: list[Row | None] = [None] * len(batch)
+        for record in records:
+            ordinal = record[0] - 1
+            if rows[ordinal] is None:  # the first row of each lookup, as fetchrow takes it
+                rows[ordinal] = dict(zip(plan.columns, tuple(record)[1:], strict=True))
+        return rows
+
+    async def _alone(self, plan: pg.Plan, params: Mapping[str, Any]) -> Row | None:
+        async with self._connect() as conn:
+            record = await conn.fetchrow(plan.sql, *plan.args([params])[0])
+        return None if record is None else dict(zip(plan.columns, record, strict=True))
+
+
+def _settle(lookup: _Lookup, row: Row | None) -> None:
+    if not lookup.done.done():
+        lookup.done.set_result(row)
