@@ -331,10 +331,15 @@ def batched(plan: Plan) -> BatchedSelect | None:
     arrays = ", ".join(f"${n}::{t}[]" for n, t in enumerate(plan.types, start=1))
     names = ", ".join(f"_p{n}" for n in range(1, len(plan.types) + 1))
     inner = _PARAMETER.sub(lambda m: f"_v._p{m.group(1)}", plan.sql)
+    # LIMIT 1 (the first row, as fetchrow takes it) also keeps the SELECT a subquery run per set:
+    # without it PostgreSQL may join it to the sets as a whole. On the benchmark's database (one
+    # merchant) the generic plan read every card of the DEK and every payment method of the
+    # merchant per batch (pg_stat_user_indexes: 65 and 49 index entries per scan, 13.5 per
+    # payment); with it, one entry per lookup. (Not reproduced on a small table in a test.)
     # The SELECT is this module's own compiled statement; values are parameters.
     sql = (
         f"SELECT _v._ord, _r.* FROM unnest({arrays}) WITH ORDINALITY AS _v({names}, _ord) "  # noqa: S608
-        f"CROSS JOIN LATERAL ({inner}) AS _r"
+        f"CROSS JOIN LATERAL (SELECT * FROM ({inner}) AS _q LIMIT 1) AS _r"
     )
     built = BatchedSelect(sql, plan)
     _BATCHED[id(plan)] = (plan, built)
