@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 
 import httpx
+import uvloop
 
 
 @dataclass(frozen=True)
@@ -187,5 +188,6 @@ async def _open_loop(spec: LoadSpec) -> list[Sample]:
 
 
 def run(spec: LoadSpec) -> list[Sample]:
-    """Entry point of the load-generator process."""
-    return asyncio.run(_open_loop(spec) if spec.rate_per_s else _closed_loop(spec))
+    """Entry point of the load-generator process. On uvloop, as the server: the generator shares
+    the server's 2 cores, and asyncio's own loop cost it about a third more CPU per request."""
+    return uvloop.run(_open_loop(spec) if spec.rate_per_s else _closed_loop(spec))
