@@ -35,6 +35,7 @@ def bench(
     config = runner.BenchConfig(database_url, clients, duration, warmup, workers, generator=generator)
     result = runner.run(config)
     samples = result.pop("_samples")
+    wrk_plot = result.pop("_wrk_plot", None)
     tps = runner.pgbench_tps(database_url, clients, duration) if pgbench else None
     result["pgbench_tps"] = tps
     result["ratio"] = round(result["payments_per_s"] / tps, 3) if tps else None
@@ -47,6 +48,10 @@ def bench(
     _emit(result, json_out)
     if plot_out is not None and samples:
         report.plot(samples, plot_out, f"{workers} workers, {clients} clients")
+    elif plot_out is not None and wrk_plot is not None:
+        report.plot_wrk(
+            wrk_plot["per_second"], wrk_plot["latency_cdf_us"], plot_out, f"{workers} workers, {clients} clients, wrk"
+        )
     if result["double_charges"] or not result["processor_matches_ledger"]:
         raise typer.Exit(1)
 

@@ -66,3 +66,26 @@ def plot(samples: list[Sample], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_wrk(per_second_ok: list[int], latency_cdf_us: list[list[float]], path: Path, title: str) -> None:
+    """`plot` for a wrk run: throughput per second (from the database) and the latency
+    distribution as wrk's percentiles (it keeps no per-request samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(range(len(per_second_ok)), per_second_ok)
+    left.set_xlabel("second")
+    left.set_ylabel("payments/s")
+    left.set_title("throughput")
+    right.plot([us / 1000 for _, us in latency_cdf_us], [p for p, _ in latency_cdf_us])
+    right.set_xlabel("latency (ms)")
+    right.set_ylabel("percentile")
+    right.set_title("latency distribution (cumulative)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -288,13 +289,41 @@ def _run_wrk(config: BenchConfig) -> dict[str, Any]:
         key = prep.merchant["secret_key"]
         if config.warmup_s:
             wrk.run(prep.base_url, key, prep.methods, config.clients, config.warmup_s, "w" + secrets.token_hex(4))
+        started = time.time()
         figures = wrk.run(prep.base_url, key, prep.methods, config.clients, config.duration_s, secrets.token_hex(6))
+        timeline = asyncio.run(_per_second(prep.url, prep.merchant["id"], started, time.time()))
     checks = prep.checks or {}
     result = {**wrk.summarize(figures), **checks}
     result["processor_matches_ledger"] = _matches(checks)
     result["config"] = {"clients": config.clients, "workers": config.workers, "duration_s": config.duration_s}
     result["_samples"] = []
+    # For the plot: wrk reports no per-request samples, so throughput over time is read from the
+    # database afterwards (payments by the second they succeeded) and latency as wrk's percentiles.
+    result["_wrk_plot"] = {"per_second": timeline, "latency_cdf_us": figures["latency_cdf_us"]}
     return result
+
+
+async def _per_second(url: str, merchant_id: str, start: float, end: float) -> list[int]:
+    """Payments that succeeded in each second of [start, end) (epoch seconds), by their intents'
+    last update: read after the run, so measuring it costs the run nothing."""
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.text(
+                    "SELECT floor(extract(epoch FROM updated) - :start)::int AS second, count(*) AS n "
+                    "FROM payment_intents WHERE merchant_id = :m AND status = 'succeeded' "
+                    "AND updated >= to_timestamp(:start) AND updated < to_timestamp(:end) GROUP BY 1"
+                ),
+                {"m": merchant_id, "start": start, "end": end},
+            )
+        ).all()
+    await engine.dispose()
+    series = [0] * max(1, math.ceil(end - start))
+    for second, n in rows:
+        if 0 <= second < len(series):
+            series[second] = int(n)
+    return series
 
 
 def run_phases(config: BenchConfig, phases: list[Phase]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 _SCRIPT = """
 local counter = 0
 local methods = {%(methods)s}
+CDF_POINTS = {%(cdf)s}
 local run = "%(run)s"
 local threads = {}
 
@@ -42,8 +43,18 @@ function done(summary, latency, requests)
     .. ' "write": %%d, "p50_us": %%d, "p95_us": %%d, "p99_us": %%d, "max_us": %%d}\\n',
     summary.requests, summary.duration, errors.status, errors.timeout, errors.connect, errors.read, errors.write,
     latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max))
+  -- The latency distribution, as (percentile, microseconds) points, for the plot.
+  local points = {}
+  for _, p in ipairs(CDF_POINTS) do
+    -- wrk answers 0 for the 100th percentile: its maximum instead.
+    local us = p >= 100 and latency.max or latency:percentile(p)
+    table.insert(points, string.format("[%%g, %%d]", p, us))
+  end
+  io.write("WRKCDF [" .. table.concat(points, ", ") .. "]\\n")
 end
 """
+# 1st to 99th percentile, then the tail more finely.
+_CDF_POINTS = [*range(1, 100), 99.5, 99.9, 99.99, 100]
 
 
 def available() -> bool:
@@ -53,7 +64,12 @@ def available() -> bool:
 def run(
     base_url: str, key: str, methods: tuple[str, ...], clients: int, duration_s: float, run_id: str
 ) -> dict[str, Any]:
-    script = _SCRIPT % {"methods": ", ".join(f'"{m}"' for m in methods), "key": key, "run": run_id}
+    script = _SCRIPT % {
+        "methods": ", ".join(f'"{m}"' for m in methods),
+        "key": key,
+        "run": run_id,
+        "cdf": ", ".join(str(p) for p in _CDF_POINTS),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "payments.lua"
         path.write_text(script)
@@ -71,6 +87,8 @@ def run(
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=duration_s + 120).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("WRKJSON "))
     figures: dict[str, Any] = json.loads(line.removeprefix("WRKJSON "))
+    cdf = next((ln for ln in out.splitlines() if ln.startswith("WRKCDF ")), None)
+    figures["latency_cdf_us"] = json.loads(cdf.removeprefix("WRKCDF ")) if cdf else []
     return figures
 
 
