@@ -433,3 +433,24 @@ async def test_a_lookup_cancelled_while_gathered_leaves_the_others_answered(
     with pytest.raises(asyncio.CancelledError):
         await tasks[0]
     assert await tasks[1] == {"id": "s2", "type": "state.a"}
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before-it-began", "while-gathering"])
+async def test_a_gathering_task_cancelled_leaves_no_lookup_waiting(
+    gathering: tuple[Database, list[int]], started: bool
+) -> None:
+    """Shutdown cancels the task that would send a batch (before its first step, or while it
+    lets turns pass): its lookups are cancelled, not left waiting, and a later lookup of the
+    same statement is answered."""
+    database, _ = gathering
+    merchant = "acct_" + secrets.token_hex(6)
+    await _seed(database, merchant, "s1", "s2")
+    waiting = asyncio.ensure_future(database.fetch_one(_BY_KEY, {"m": merchant, "i": "s1"}))
+    await asyncio.sleep(0)  # the lookup is queued and its task scheduled
+    (task,) = database._reads._lanes[asyncio.get_running_loop()].tasks
+    if started:
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await database.fetch_one(_BY_KEY, {"m": merchant, "i": "s2"}) == {"id": "s2", "type": "state.a"}

@@ -15,6 +15,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from strongroom.store.reads import GroupRead
+
 
 def _json_dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
@@ -73,8 +75,6 @@ class Database:
         self._raw_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Any]] = (
             weakref.WeakKeyDictionary()
         )
-        from strongroom.store.reads import GroupRead
-
         # `fetch_one` lookups of one statement arriving together go as one (store.reads).
         self._reads = GroupRead(self.raw, gather_turns=read_gather_turns)
 

@@ -12,6 +12,7 @@ again one lookup at a time, so a bad value fails only its own request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -51,27 +52,20 @@ class GroupRead:
         lookup = _Lookup(params, loop.create_future())
         queued = lane.pending.get(id(plan))
         if queued is None:
-            lane.pending[id(plan)] = (plan, [lookup])
+            waiting = [lookup]
+            lane.pending[id(plan)] = (plan, waiting)
             task = loop.create_task(self._gather(lane, plan))
             lane.tasks.add(task)
-            task.add_done_callback(lane.tasks.discard)
+            task.add_done_callback(functools.partial(_finished, lane, id(plan), waiting))
         else:
             queued[1].append(lookup)
         # Shielded: a request cancelled while waiting must not cancel the others' batch.
         return await asyncio.shield(lookup.done)
 
     async def _gather(self, lane: _Lane, plan: pg.Plan) -> None:
-        batch: list[_Lookup] = []
-        try:
-            for _ in range(self._gather_turns):
-                await asyncio.sleep(0)  # lookups a turn or two behind join this one
-            batch = lane.pending.pop(id(plan))[1]
-            await self._run(plan, batch)
-        except BaseException:
-            # Cancelled (shutdown): no request may wait forever for a batch that is gone.
-            for lookup in batch:
-                lookup.done.cancel()
-            raise
+        for _ in range(self._gather_turns):
+            await asyncio.sleep(0)  # lookups a turn or two behind join this one
+        await self._run(plan, lane.pending.pop(id(plan))[1])
 
     async def _run(self, plan: pg.Plan, batch: list[_Lookup]) -> None:
         statement = pg.batched(plan)
@@ -107,6 +101,16 @@ class GroupRead:
         async with self._connect() as conn:
             record = await conn.fetchrow(plan.sql, *plan.args([params])[0])
         return None if record is None else dict(zip(plan.columns, record, strict=True))
+
+
+def _finished(lane: _Lane, key: int, waiting: list[_Lookup], task: asyncio.Task[None]) -> None:
+    """However its task ended (cancelled at shutdown, even before it began), no lookup it was to
+    answer waits forever, and no later lookup joins a queue that no task will take."""
+    lane.tasks.discard(task)
+    if key in lane.pending and lane.pending[key][1] is waiting:
+        del lane.pending[key]
+    for lookup in waiting:
+        lookup.done.cancel()  # nothing for a lookup already answered
 
 
 def _settle(lookup: _Lookup, row: Row | None) -> None:
