@@ -1,12 +1,13 @@
 """Prefixed random identifiers (cus_, pm_, pi_, ch_, re_, evt_, …) like Stripe's.
 
-Ids are 24 characters of base62 after the prefix: ~143 bits from `secrets`, so they are
-unguessable and carry no sequence (ARCHITECTURE: no sequential ids in URLs).
+Ids are 24 characters of base62 after the prefix: ~143 bits from the OS CSPRNG (`os.urandom`,
+what `secrets` uses), so they are unguessable and carry no sequence (ARCHITECTURE: no sequential
+ids in URLs).
 """
 
 from __future__ import annotations
 
-import secrets
+import os
 from typing import NewType
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -35,15 +36,20 @@ PREFIXES = {
 }
 
 
+# Byte b < 248 (4 x 62) is the character _ALPHABET[b % 62]: exactly uniform; bytes 248 to 255
+# are dropped (rejection sampling), 1 in 32.
+_TABLE = bytes(ord(_ALPHABET[b % 62]) for b in range(248)) + bytes(256 - 248)
+_REJECTED = bytes(range(248, 256))
+
+
 def random_part(length: int = _LENGTH) -> str:
-    # One call to the OS CSPRNG per id (not one per character): base62 digits of a random integer
-    # with 6 bits per character to spare, so every digit is (near-)uniform.
-    n = int.from_bytes(secrets.token_bytes(length), "big")
-    digits = []
-    for _ in range(length):
-        n, r = divmod(n, 62)
-        digits.append(_ALPHABET[r])
-    return "".join(digits)
+    """`length` base62 characters from the OS CSPRNG, each exactly uniform. One call for the
+    bytes, then two C-level translations: five times cheaper than base62 digits of a big
+    integer (2.5 -> 0.5 µs; a payment makes about a dozen ids)."""
+    while True:
+        kept = os.urandom(length + 8).translate(None, _REJECTED)
+        if len(kept) >= length:  # fewer only if 9 or more of the length + 8 bytes were dropped
+            return kept[:length].translate(_TABLE).decode("ascii")
 
 
 def new_id(kind: str) -> str:
