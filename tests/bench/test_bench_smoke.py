@@ -86,3 +86,29 @@ def test_wrk_generator_smoke_run_charges_exactly_once(database_url: str, tmp_pat
     assert percentile == 100 and abs(top_us / 1000 - result["latency_ms"]["max"]) <= 0.01
     report.plot_wrk(plotted["per_second"], plotted["latency_cdf_us"], tmp_path / "wrk.png", "smoke")
     assert (tmp_path / "wrk.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("database_url", [PG_URL] if PG_URL and wrk.available() else [])
+def test_wrk_surge_smoke_recovers_with_wrk_closed_loops_around_the_open_loop(database_url: str, tmp_path: Path) -> None:
+    """With the wrk generator the closed loops before and after the surge are wrk's; the surge is
+    still the open loop (wrk has no fixed rate). The same guarantees: every surge request served
+    or shed with Retry-After, nothing charged twice, and the rate after the surge is served."""
+    config = runner.BenchConfig(
+        database_url,
+        clients=4,
+        duration_s=2.0,
+        warmup_s=1.0,
+        workers=1,
+        payment_methods=4,
+        data_dir=tmp_path,
+        generator="wrk",
+    )
+    result = runner.surge(config, sustainable_per_s=20, factor=5, surge_s=2.0)
+    surge = result["surge"]
+    assert set(surge["errors"]) <= {"http_503", "http_429", "not_sent"}
+    assert surge["shed"] == surge["shed_with_retry_after"]
+    assert surge["accepted"] + surge["shed"] + surge["not_sent_generator_limit"] == surge["requests"] > 0
+    assert result["before"]["generator"] == result["after"]["generator"] == "wrk"
+    assert result["before"]["succeeded"] > 0 and result["after"]["succeeded"] > 0
+    assert result["before"]["errors"] == result["after"]["errors"] == {}
+    assert result["double_charges"] == 0 and result["processor_matches_ledger"]
