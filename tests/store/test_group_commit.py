@@ -186,3 +186,21 @@ async def test_a_unit_committed_a_turn_after_another_joins_its_batch_when_the_wr
     assert await asyncio.gather(first, second) == [True, True]
     assert await _ids(db, merchant) == {"evt_first", "evt_second"}
     assert await _transactions(db, merchant, commits) == transactions
+
+
+async def test_a_writer_cancelled_before_it_began_leaves_no_unit_waiting_and_a_later_commit_writes(
+    db: Database,
+) -> None:
+    """Shutdown cancels a writer before its first step: the unit it was to write is cancelled
+    (its request is not left waiting), and the lane is not left counting a dead writer: the next
+    commit starts a new one and is written."""
+    merchant = "acct_" + secrets.token_hex(6)
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+    waiting = asyncio.ensure_future(group.commit([_event(merchant, "evt_cancelled")]))
+    await asyncio.sleep(0)  # the unit is queued and its writer scheduled, not yet run
+    (writer,) = group._lanes[asyncio.get_running_loop()].writers
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, timeout=10)  # a unit left waiting fails here, not hangs
+    assert await asyncio.wait_for(group.commit([_event(merchant, "evt_later")]), timeout=10) is True
+    assert await _ids(db, merchant) == {"evt_later"}

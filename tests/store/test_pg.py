@@ -452,5 +452,6 @@ async def test_a_gathering_task_cancelled_leaves_no_lookup_waiting(
         await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await waiting
-    assert await database.fetch_one(_BY_KEY, {"m": merchant, "i": "s2"}) == {"id": "s2", "type": "state.a"}
+        await asyncio.wait_for(waiting, timeout=10)  # a lookup left waiting fails here, not hangs
+    later = database.fetch_one(_BY_KEY, {"m": merchant, "i": "s2"})
+    assert await asyncio.wait_for(later, timeout=10) == {"id": "s2", "type": "state.a"}

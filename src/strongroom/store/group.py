@@ -94,7 +94,9 @@ class GroupCommit:
         unit = Unit(writes, guard)
         lane.queue.append(unit)
         if len(lane.writers) < self._max_writers:
-            lane.writers.add(loop.create_task(self._drain(lane)))
+            writer = loop.create_task(self._drain(lane))
+            lane.writers.add(writer)
+            writer.add_done_callback(functools.partial(_writer_done, lane))
         # Shielded: a request cancelled while waiting must not cancel the batch of the others.
         return await asyncio.shield(unit.done)
 
@@ -149,6 +151,19 @@ class GroupCommit:
                     unit.done.set_exception(exc)  # raised to the request that owns the unit
                 continue
             _settle(unit, ok)
+
+
+def _writer_done(lane: _Lane, writer: asyncio.Task[None]) -> None:
+    """A writer cancelled before its first step (at shutdown) never ran `_drain`'s cleanup: it
+    must not stay counted, or no writer would start again, and the units it was to write must not
+    wait forever. (A writer that ran has left the lane already: nothing to do.)"""
+    if writer not in lane.writers:
+        return
+    lane.writers.discard(writer)
+    if not lane.writers:
+        for unit in lane.queue:
+            unit.done.cancel()
+        lane.queue = []
 
 
 def _settle(unit: Unit, ok: bool) -> None:
