@@ -57,9 +57,9 @@ def test_surge_smoke_sheds_or_serves_everything_and_charges_once(database_url: s
     assert result["processor_charges"] == result["succeeded_payments"]
 
 
-@pytest.mark.parametrize("database_url", [PG_URL] if PG_URL and wrk.available() else [])
-def test_wrk_generator_smoke_run_charges_exactly_once(database_url: str, tmp_path: Path) -> None:
-    config = runner.BenchConfig(
+def _small_wrk_run(database_url: str, tmp_path: Path) -> runner.BenchConfig:
+    """A few seconds of wrk with one worker and 4 clients: a smoke run, not a measurement."""
+    return runner.BenchConfig(
         database_url,
         clients=4,
         duration_s=2.0,
@@ -69,6 +69,11 @@ def test_wrk_generator_smoke_run_charges_exactly_once(database_url: str, tmp_pat
         data_dir=tmp_path,
         generator="wrk",
     )
+
+
+@pytest.mark.parametrize("database_url", [PG_URL] if PG_URL and wrk.available() else [])
+def test_wrk_generator_smoke_run_charges_exactly_once(database_url: str, tmp_path: Path) -> None:
+    config = _small_wrk_run(database_url, tmp_path)
     result = runner.run(config)
     assert result["succeeded"] > 0
     assert result["errors"] == {}
@@ -93,16 +98,7 @@ def test_wrk_surge_smoke_recovers_with_wrk_closed_loops_around_the_open_loop(dat
     """With the wrk generator the closed loops before and after the surge are wrk's; the surge is
     still the open loop (wrk has no fixed rate). The same guarantees: every surge request served
     or shed with Retry-After, nothing charged twice, and the rate after the surge is served."""
-    config = runner.BenchConfig(
-        database_url,
-        clients=4,
-        duration_s=2.0,
-        warmup_s=1.0,
-        workers=1,
-        payment_methods=4,
-        data_dir=tmp_path,
-        generator="wrk",
-    )
+    config = _small_wrk_run(database_url, tmp_path)
     result = runner.surge(config, sustainable_per_s=20, factor=5, surge_s=2.0)
     surge = result["surge"]
     assert set(surge["errors"]) <= {"http_503", "http_429", "not_sent"}

@@ -626,17 +626,22 @@ async def test_i3_crash_after_processor_call_resumes_recovery_point_with_one_aut
     assert [c["status"] for c in charges_list["data"] if c["payment_intent"] == intent_id] == ["succeeded"]
 
 
+@pytest.mark.parametrize("card", ["alias", "stored"])
 async def test_i3_decline_stored_and_replayed_without_second_processor_call(
     api: httpx.AsyncClient,
     services: Services,
     merchant: Merchant,
     count_rows: Any,
     monkeypatch: pytest.MonkeyPatch,
+    card: str,
 ) -> None:
     counting = CountingConnector(services.payments.router.for_mode(False))
     monkeypatch.setattr(services.payments.router, "for_mode", lambda livemode: counting)
     key = new_key()
-    data = {**PAID, "payment_method": "pm_card_chargeDeclined"}
+    if card == "alias":
+        data = {**PAID, "payment_method": "pm_card_chargeDeclined"}
+    else:  # a stored card: its key is claimed by the decline's own commit (idempotency.deferred)
+        data = {**PAID, "payment_method": (await card_payment_method(api, number="4000000000000002"))["id"]}
     declined = await post(api, "/v1/payment_intents", data, key=key)
     assert declined.status_code == 402, declined.text
     error = declined.json()["error"]
@@ -706,6 +711,17 @@ async def stored_card_payment(api: httpx.AsyncClient, **extra: Any) -> dict[str,
     return {**PAID, "payment_method": pm["id"], **extra}
 
 
+async def hold_key(services: Services, merchant: Merchant, key: str, data: dict[str, Any]) -> Claim:
+    """The key claimed by another request still running (its lock fresh)."""
+    settings = services.settings.idempotency
+    held = await idempotency.claim(
+        services.db, principal_of(merchant), key, "POST", "/v1/payment_intents", data,
+        lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s,
+    )  # fmt: skip
+    assert isinstance(held, Claim)
+    return held
+
+
 @pytest.mark.parametrize(
     ("extra", "resource"),
     [({}, True), ({"expand[]": "latest_charge"}, True), ({"confirm": "false"}, False)],
@@ -738,12 +754,7 @@ async def test_i1_deferred_claim_in_flight_key_gets_409_and_writes_nothing(
     claimed key gets; other parameters are still a mismatch."""
     key = new_key()
     data = await stored_card_payment(api)
-    settings = services.settings.idempotency
-    held = await idempotency.claim(
-        services.db, principal_of(merchant), key, "POST", "/v1/payment_intents", data,
-        lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s,
-    )  # fmt: skip
-    assert isinstance(held, Claim)
+    held = await hold_key(services, merchant, key, data)
     events_before = await count_rows(events, merchant.id)
     for _ in range(2):
         conflict = await post(api, "/v1/payment_intents", data, key=key)
@@ -789,13 +800,9 @@ async def test_i3_deferred_claim_stale_lock_is_taken_over_and_resumed_with_one_a
     runs: one intent, one authorization."""
     key = new_key()
     data = await stored_card_payment(api)
-    settings = services.settings.idempotency
-    held = await idempotency.claim(
-        services.db, principal_of(merchant), key, "POST", "/v1/payment_intents", data,
-        lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s,
-    )  # fmt: skip
-    assert isinstance(held, Claim)
-    await backdate_key(services, merchant.id, key, locked_at=settings.lock_timeout_s + 60)
+    await hold_key(services, merchant, key, data)
+    lock_timeout_s = services.settings.idempotency.lock_timeout_s
+    await backdate_key(services, merchant.id, key, locked_at=lock_timeout_s + 60)
     retried = await post(api, "/v1/payment_intents", data, key=key)
     assert retried.status_code == 200, retried.text
     assert retried.json()["status"] == "succeeded"

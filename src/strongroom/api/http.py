@@ -3,6 +3,7 @@ Idempotency-Key on POST, call the service, render JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -170,12 +171,11 @@ async def post(
     fingerprinted = _without_card_data(raw, svc.hasher)
     if defer_claim:
         pending = idempotency.deferred(principal, key, request.method, request.url.path, fingerprinted)
-        try:
+        # NotHeld: the key has a record (or the request was refused): claimed below, then run again.
+        with contextlib.suppress(NotHeld):
             return await _run(
                 svc, principal, params, op, render, _HttpRecorder(pending, principal, render, svc.db), pending
             )
-        except NotHeld:
-            pass  # the key has a record (or the request was refused): claimed below, then run again
     claimed = await idempotency.claim(
         svc.db,
         principal,

@@ -80,8 +80,7 @@ class Plan:
 
 
 def _value(row: Mapping[str, Any], name: str, constants: Mapping[str, Any], proc: Processor) -> Any:
-    value = row[name] if name in row else constants[name]
-    return value if proc is None or value is None else proc(value)
+    return _processed(row[name] if name in row else constants[name], proc)
 
 
 _LENGTH = re.compile(r"\(\d+\)$")

@@ -69,15 +69,11 @@ class GroupRead:
 
     async def _run(self, plan: pg.Plan, batch: list[_Lookup]) -> None:
         statement = pg.batched(plan)
-        if len(batch) > 1 and statement is not None:
-            try:
-                rows = await self._together(plan, statement, batch)
-            except Exception:  # noqa: S110 - each lookup is run alone below, and fails alone
-                pass
-            else:
-                for lookup, row in zip(batch, rows, strict=True):
-                    _settle(lookup, row)
-                return
+        rows = await self._together(plan, statement, batch) if len(batch) > 1 and statement is not None else None
+        if rows is not None:
+            for lookup, row in zip(batch, rows, strict=True):
+                _settle(lookup, row)
+            return
         for lookup in batch:
             try:
                 row = await self._alone(plan, lookup.params)
@@ -87,9 +83,15 @@ class GroupRead:
                 continue
             _settle(lookup, row)
 
-    async def _together(self, plan: pg.Plan, statement: pg.BatchedSelect, batch: list[_Lookup]) -> list[Row | None]:
-        async with self._connect() as conn:
-            records = await conn.fetch(statement.sql, *statement.args([lookup.params for lookup in batch]))
+    async def _together(
+        self, plan: pg.Plan, statement: pg.BatchedSelect, batch: list[_Lookup]
+    ) -> list[Row | None] | None:
+        """Each lookup's row from one statement; None if it failed (then each is run alone)."""
+        try:
+            async with self._connect() as conn:
+                records = await conn.fetch(statement.sql, *statement.args([lookup.params for lookup in batch]))
+        except Exception:
+            return None  # one bad value fails the shared statement: the caller runs each alone
         rows: list[Row | None] = [None] * len(batch)
         for record in records:
             ordinal = record[0] - 1
