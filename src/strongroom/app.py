@@ -15,14 +15,15 @@ from pathlib import Path
 import sqlalchemy as sa
 import structlog
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from strongroom import __version__
+from strongroom.api import direct, openapi
 from strongroom.api import errors as api_errors
-from strongroom.api import openapi
 from strongroom.api.errors import error_response
 from strongroom.api.http import Services
 from strongroom.auth.service import KeyHasher, PrincipalCache
@@ -224,7 +225,7 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
         redoc_url=None,
     )
     api_errors.install(app)
-    for router in (
+    routers = (
         routes.router,
         routes_customers.router,
         event_routes.router,
@@ -232,13 +233,14 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
         routes_sandbox.router,
         routes_tokens.router,
         routes_elements.router,
-    ):
+    )
+    for router in routers:
         app.include_router(router)
     if settings.development and settings.payments.sandbox_url.rstrip("/") != SANDBOX_ORIGIN:
         # The sandbox processor's endpoint for a vault running as its own process (its relay
         # reaches it over loopback); development only, and only when configured.
         app.mount("/sandbox", _sandbox_endpoint)
-    _operational(app, settings)
+    _operational(app, settings, direct.table(routers))
     openapi.install(app)
     return app
 
@@ -247,7 +249,8 @@ async def _sandbox_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     await SandboxHttp(scope["app"].state.services.sandbox)(scope, receive, send)
 
 
-def _operational(app: FastAPI, settings: Settings) -> None:
+def _operational(app: FastAPI, settings: Settings, direct_routes: dict[tuple[str, str], APIRoute]) -> None:
+    app.add_middleware(direct.Direct, routes=direct_routes)  # innermost: inside metrics and admission
     app.add_middleware(_Admission, max_inflight=settings.http.max_inflight)
     app.add_middleware(_Observe)
 

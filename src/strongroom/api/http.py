@@ -169,8 +169,9 @@ async def post(
         return await _run(svc, principal, params, op, render, NULL_RECORDER, None)
     idempotency.validate_key(key, svc.settings.idempotency.key_max_length)
     fingerprinted = _without_card_data(raw, svc.hasher)
+    path = _path(request)
     if defer_claim:
-        pending = idempotency.deferred(principal, key, request.method, request.url.path, fingerprinted)
+        pending = idempotency.deferred(principal, key, request.method, path, fingerprinted)
         # NotHeld: the key has a record (or the request was refused): claimed below, then run again.
         with contextlib.suppress(NotHeld):
             return await _run(
@@ -181,7 +182,7 @@ async def post(
         principal,
         key,
         request.method,
-        request.url.path,
+        path,
         fingerprinted,
         lock_timeout_s=svc.settings.idempotency.lock_timeout_s,
         ttl_s=svc.settings.idempotency.ttl_s,
@@ -189,6 +190,13 @@ async def post(
     if isinstance(claimed, Replay):
         return json_response(claimed.body, claimed.status, {"Idempotent-Replayed": "true", "Idempotency-Key": key})
     return await _run(svc, principal, params, op, render, _HttpRecorder(claimed, principal, render, svc.db), claimed)
+
+
+def _path(request: Request) -> str:
+    """`request.url.path` (what idempotency records hold) without building the whole URL on every
+    POST: the two differ only where the URL escapes `?`, `#` or `\\` in the path."""
+    path: str = request.scope["path"]
+    return request.url.path if any(c in path for c in "?#\\") else path
 
 
 _CARD_SECRETS = ("number", "cvc")
