@@ -27,6 +27,8 @@ async def things(request: Request) -> Response:
         raise InvalidRequest("Invalid integer: 12x", param="amount")
     if kind == "http":
         raise HTTPException(404)
+    if kind == "teapot":
+        raise HTTPException(418)
     if kind == "bug":
         raise RuntimeError("internal detail 4242424242424242")
     return JSONResponse({"ok": True})
@@ -37,9 +39,14 @@ async def one_thing(request: Request, thing_id: str) -> Response:
     return JSONResponse({"id": thing_id})
 
 
+async def _teapot(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": {"type": "invalid_request_error", "message": "teapot"}}, 418, {"X-Kind": "status"})
+
+
 def _app(with_direct: bool) -> FastAPI:
     app = FastAPI()
     api_errors.install(app)
+    app.add_exception_handler(418, _teapot)  # a handler by status, looked up before the class
     app.include_router(router)
     if with_direct:
         app.add_middleware(direct.Direct, routes=direct.table([router]))
@@ -50,7 +57,7 @@ def test_only_fixed_paths_whose_endpoint_takes_just_the_request_are_direct():
     assert set(direct.table([router])) == {("POST", "/v1/things")}
 
 
-@pytest.mark.parametrize("fail", ["", "invalid", "http", "bug"])
+@pytest.mark.parametrize("fail", ["", "invalid", "http", "teapot", "bug"])
 async def test_direct_answers_exactly_as_routing_does(fail):
     answers = []
     for with_direct in (False, True):
@@ -62,9 +69,11 @@ async def test_direct_answers_exactly_as_routing_does(fail):
             assert body["error"]["message"].startswith("An unexpected error occurred (inc_")
             assert "4242" not in response.text
             body["error"]["message"] = "incident"
-        answers.append((response.status_code, body, response.headers.get("content-type")))
+        answers.append((response.status_code, body, sorted(response.headers.multi_items())))
     assert answers[0] == answers[1]
-    assert answers[0][0] == {"": 200, "invalid": 400, "http": 404, "bug": 500}[fail]
+    assert answers[0][0] == {"": 200, "invalid": 400, "http": 404, "teapot": 418, "bug": 500}[fail]
+    if fail == "teapot":
+        assert ("x-kind", "status") in answers[1][2]
 
 
 async def test_direct_route_carries_its_template_and_other_requests_still_route():

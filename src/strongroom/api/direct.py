@@ -14,11 +14,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from fastapi.routing import APIRoute, APIRouter
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-Endpoint = Callable[[Request], Awaitable[Response]]
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
@@ -66,8 +66,11 @@ class Direct:
 
 
 def _handler(handlers: dict[Any, Handler], exc: Exception) -> Handler | None:
-    """Starlette's lookup (the nearest class in the exception's MRO); `Exception` itself belongs
-    to the server-error middleware outside, which logs the incident and answers 500."""
+    """Starlette's lookup: an HTTP error's status first, then the nearest class in the
+    exception's MRO; `Exception` itself belongs to the server-error middleware outside, which
+    logs the incident and answers 500."""
+    if isinstance(exc, HTTPException) and exc.status_code in handlers:
+        return handlers[exc.status_code]
     for cls in type(exc).__mro__:
         if cls is Exception:
             return None
