@@ -4,6 +4,7 @@ loop, and reports one sample per request (finish time, latency, outcome)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from dataclasses import dataclass
@@ -187,7 +188,17 @@ async def _open_loop(spec: LoadSpec) -> list[Sample]:
     return samples
 
 
+# The generator's own collector pauses every request in flight, and the pause is counted as the
+# server's latency. With the defaults, a 20 s open loop at 850/s saw two full collections in the
+# generator (95 and 70 ms, over its growing list of samples): p99 36.7 ms, max 151 ms; with the
+# objects alive at start frozen and collections rarer (as the server does, app.py), none ran: p99
+# 28.1 ms, max 51 ms.
+_GC_THRESHOLDS = (20_000, 50, 100)
+
+
 def run(spec: LoadSpec) -> list[Sample]:
     """Entry point of the load-generator process. On uvloop, as the server: the generator shares
     the server's 2 cores, and asyncio's own loop cost it about a third more CPU per request."""
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
     return uvloop.run(_open_loop(spec) if spec.rate_per_s else _closed_loop(spec))
