@@ -249,3 +249,17 @@ async def test_card_details_in_event_snapshots_are_masked(api):
     assert '"1234"' not in response.text
     charge = _by_type(response.json()["data"], "charge.succeeded")
     assert charge["payment_method_details"]["card"]["iin"] == "378282"
+
+
+async def test_event_snapshot_keeps_the_objects_fields_in_the_apis_order(api):
+    """The snapshot reads like the object it was taken from: the same fields in the same order (on
+    PostgreSQL a jsonb column reordered them, shorter keys first)."""
+    intent = await paid_intent(api)
+    snapshot = _by_type(await _events(api), "payment_intent.succeeded")
+    assert snapshot == intent
+    assert list(snapshot) == list(intent)
+    charge = _by_type(await _events(api), "charge.succeeded")
+    assert list(charge)[:2] == ["id", "object"]
+    assert list(charge["payment_method_details"]["card"]) == list(
+        (await api.get(f"/v1/charges/{charge['id']}")).json()["payment_method_details"]["card"]
+    )

@@ -1,6 +1,6 @@
 import sqlalchemy as sa
 
-from strongroom.store.metadata import Json, Timestamp, metadata
+from strongroom.store.metadata import JsonDocument, Timestamp, metadata
 
 events = sa.Table(
     "events",
@@ -11,6 +11,6 @@ events = sa.Table(
     sa.Column("created", Timestamp, nullable=False),
     sa.Column("type", sa.String(64), nullable=False),
     sa.Column("object_id", sa.String(40), nullable=False),
-    sa.Column("data", Json, nullable=False),
+    sa.Column("data", JsonDocument, nullable=False),
 )
 sa.Index("ix_events_paging", events.c.merchant_id, events.c.livemode, events.c.created, events.c.id)
