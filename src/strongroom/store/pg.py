@@ -56,31 +56,35 @@ class Plan:
     def parameters(self) -> int:
         return 1 if self.document else len(self.names)
 
+    @functools.cached_property
+    def _converted(self) -> tuple[tuple[int, str, Callable[[Any], Any]], ...]:
+        """The parameters whose values go through a bind processor (most have none): position,
+        name and processor."""
+        return tuple(
+            (n, name, proc) for n, (name, proc) in enumerate(zip(self.names, self.processors, strict=True)) if proc
+        )
+
     def args(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
         """The executemany argument tuples; for an unnest plan, one tuple: the column arrays, or
-        the JSON document."""
+        the JSON document. A row's value for each name, else the plan's constant; a processor is
+        not called for None (as SQLAlchemy's)."""
+        names, constants, converted = self.names, self.constants, self._converted
         if self.document:
-            records = [
-                {
-                    name: _value(row, name, self.constants, proc)
-                    for name, proc in zip(self.names, self.processors, strict=True)
-                }
-                for row in rows
-            ]
+            # By name, for json_populate_recordset (a value per column; order does not matter).
+            records = [{name: row[name] if name in row else constants[name] for name in names} for row in rows]
+            for record in records:
+                for _, name, proc in converted:
+                    if (value := record[name]) is not None:
+                        record[name] = proc(value)
             return [(orjson.dumps(records, option=orjson.OPT_NAIVE_UTC).decode(),)]
-        tuples = [
-            tuple(
-                _value(row, name, self.constants, proc) for name, proc in zip(self.names, self.processors, strict=True)
-            )
-            for row in rows
-        ]
+        values = [[row[name] if name in row else constants[name] for name in names] for row in rows]
+        for row_values in values:
+            for n, _, proc in converted:
+                if (value := row_values[n]) is not None:
+                    row_values[n] = proc(value)
         if not self.unnest:
-            return tuples
-        return [tuple(list(column) for column in zip(*tuples, strict=True))]
-
-
-def _value(row: Mapping[str, Any], name: str, constants: Mapping[str, Any], proc: Processor) -> Any:
-    return _processed(row[name] if name in row else constants[name], proc)
+            return [tuple(row_values) for row_values in values]
+        return [tuple(list(column) for column in zip(*values, strict=True))]
 
 
 _LENGTH = re.compile(r"\(\d+\)$")
