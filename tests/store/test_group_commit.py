@@ -204,3 +204,20 @@ async def test_a_writer_cancelled_before_it_began_leaves_no_unit_waiting_and_a_l
         await asyncio.wait_for(waiting, timeout=10)  # a unit left waiting fails here, not hangs
     assert await asyncio.wait_for(group.commit([_event(merchant, "evt_later")]), timeout=10) is True
     assert await _ids(db, merchant) == {"evt_later"}
+
+
+async def test_a_request_cancelled_while_waiting_leaves_the_batch_to_the_others(db: Database) -> None:
+    """A request cancelled (its client gone) while its unit waits for the batch: the others'
+    commits answer True, and the cancelled unit's writes, handed over already, are committed with
+    them; the cancellation reaches only the request that was cancelled."""
+    merchant = "acct_" + secrets.token_hex(6)
+    group = GroupCommit(db, max_batch=64, max_writers=1, gather_turns=2)
+    tasks = [asyncio.ensure_future(group.commit([_event(merchant, f"evt_{n}")])) for n in range(4)]
+    await asyncio.sleep(0)  # queued; the writer lets turns pass before taking them
+    tasks[1].cancel()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert [results[n] for n in (0, 2, 3)] == [True, True, True]
+    assert await _ids(db, merchant) == {"evt_0", "evt_1", "evt_2", "evt_3"}
+    # The lane is left working: a later commit is written.
+    assert await asyncio.wait_for(group.commit([_event(merchant, "evt_later")]), timeout=10) is True

@@ -97,8 +97,11 @@ class GroupCommit:
             writer = loop.create_task(self._drain(lane))
             lane.writers.add(writer)
             writer.add_done_callback(functools.partial(_writer_done, lane))
-        # Shielded: a request cancelled while waiting must not cancel the batch of the others.
-        return await asyncio.shield(unit.done)
+        # Awaited directly, not through asyncio.shield (1.7 µs more per wait, four a payment): a
+        # request cancelled while waiting cancels only its own future. The batch is the writer's
+        # task, which settles only futures not done yet, so the others' batch goes on, and this
+        # unit's writes, queued already, are still committed.
+        return await unit.done
 
     async def _drain(self, lane: _Lane) -> None:
         batch: list[Unit] = []

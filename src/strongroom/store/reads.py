@@ -59,8 +59,9 @@ class GroupRead:
             task.add_done_callback(functools.partial(_finished, lane, id(plan), waiting))
         else:
             queued[1].append(lookup)
-        # Shielded: a request cancelled while waiting must not cancel the others' batch.
-        return await asyncio.shield(lookup.done)
+        # Awaited directly (see GroupCommit.commit): a request cancelled while waiting cancels
+        # only its own future; the batch's task answers the others.
+        return await lookup.done
 
     async def _gather(self, lane: _Lane, plan: pg.Plan) -> None:
         for _ in range(self._gather_turns):
