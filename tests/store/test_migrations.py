@@ -57,3 +57,14 @@ def test_0008_events_written_as_jsonb_read_back_the_same_as_json_and_back() -> N
         assert json.loads(str(asyncio.run(_query(url, read))[0][0])) == data
     finally:
         asyncio.run(_admin(PG_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def test_the_pending_sweep_index_holds_only_pending_intents(database_url: str) -> None:
+    """ix_payment_intents_pending is partial: an intent whose processor call is over (pending_since
+    cleared) has no entry, so the index is the size of the work in flight."""
+    if database_url.startswith("sqlite"):
+        statement = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'ix_payment_intents_pending'"
+    else:
+        statement = "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_payment_intents_pending'"
+    ((definition,),) = await _query(database_url, statement)
+    assert "WHERE" in str(definition) and "pending_since IS NOT NULL" in str(definition)

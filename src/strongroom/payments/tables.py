@@ -82,7 +82,13 @@ payment_intents = _owned(
     sa.Column("processor_ref", sa.String(120)),
     sa.Column("updated", Timestamp, nullable=False),
 )
-sa.Index("ix_payment_intents_pending", payment_intents.c.pending_since)
+# Only intents with a processor call in flight (what the recovery sweep looks for): a payment's
+# final update, which clears pending_since, adds no entry, and the index stays the size of the
+# pending work, not of every intent ever made.
+_PENDING = payment_intents.c.pending_since.is_not(None)
+sa.Index(
+    "ix_payment_intents_pending", payment_intents.c.pending_since, postgresql_where=_PENDING, sqlite_where=_PENDING
+)
 
 charges = _owned(
     "charges",
