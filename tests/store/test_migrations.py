@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.ext.asyncio import create_async_engine
-from tests.conftest import PG_URL, _admin, _fresh_postgres_database
+from tests.conftest import DATABASES, PG_URL, _admin, _fresh_postgres_database
 
 from strongroom.store.migrate import alembic_config, upgrade
 
@@ -30,41 +32,56 @@ async def _query(url: str, statement: str, **params: object) -> list[tuple[objec
         await engine.dispose()
 
 
-@pytest.mark.skipif(PG_URL is None, reason="PostgreSQL only (SQLite has one JSON type)")
-def test_0008_events_written_as_jsonb_read_back_the_same_as_json_and_back() -> None:
-    """Events stored before 0008 (jsonb) keep their content through the change to json and the
-    downgrade; only the column's type changes."""
+def _fresh(backend: str, tmp_path: Path) -> tuple[str, Callable[[], None]]:
+    """An empty database of this backend, and how to drop it."""
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'migrations.db'}", lambda: None
     assert PG_URL is not None
     name, url = _fresh_postgres_database(PG_URL)
-    data = {"object": {"id": "pi_1", "object": "payment_intent", "amount": 2000, "metadata": {"k": "v"}}}
-    insert = (
-        "INSERT INTO events (merchant_id, id, livemode, created, type, object_id, data) "
-        "VALUES ('acct_1', 'evt_1', false, now(), 'payment_intent.created', 'pi_1', CAST(:data AS jsonb))"
-    )
-    read = "SELECT data::text FROM events WHERE id = 'evt_1'"
-    column_type = (
-        "SELECT data_type FROM information_schema.columns WHERE table_name = 'events' AND column_name = 'data'"
-    )
-    try:
-        upgrade(url, "0007")
-        asyncio.run(_query(url, insert, data=json.dumps(data)))
-        assert asyncio.run(_query(url, column_type)) == [("jsonb",)]
-        upgrade(url)
-        assert asyncio.run(_query(url, column_type)) == [("json",)]
-        assert json.loads(str(asyncio.run(_query(url, read))[0][0])) == data
-        command.downgrade(alembic_config(url), "0007")
-        assert asyncio.run(_query(url, column_type)) == [("jsonb",)]
-        assert json.loads(str(asyncio.run(_query(url, read))[0][0])) == data
-    finally:
-        asyncio.run(_admin(PG_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return url, lambda: asyncio.run(_admin(PG_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-async def test_the_pending_sweep_index_holds_only_pending_intents(database_url: str) -> None:
-    """ix_payment_intents_pending is partial: an intent whose processor call is over (pending_since
-    cleared) has no entry, so the index is the size of the work in flight."""
-    if database_url.startswith("sqlite"):
+def _index_definition(url: str) -> str:
+    if url.startswith("sqlite"):
         statement = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'ix_payment_intents_pending'"
     else:
         statement = "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_payment_intents_pending'"
-    ((definition,),) = await _query(database_url, statement)
-    assert "WHERE" in str(definition) and "pending_since IS NOT NULL" in str(definition)
+    ((definition,),) = asyncio.run(_query(url, statement))
+    return str(definition)
+
+
+@pytest.mark.parametrize("backend", DATABASES)
+def test_0008_0009_up_and_down_keep_an_event_written_before_them(backend: str, tmp_path: Path) -> None:
+    """An event stored before 0008 (as jsonb on PostgreSQL) reads back the same after the change to
+    json and after the downgrade; 0009 makes the sweep's index partial (an intent whose processor
+    call is over has no entry) and the downgrade makes it whole again."""
+    url, drop = _fresh(backend, tmp_path)
+    data = {"object": {"id": "pi_1", "object": "payment_intent", "amount": 2000, "metadata": {"k": "v"}}}
+    columns = "INSERT INTO events (merchant_id, id, livemode, created, type, object_id, data) "
+    values = "VALUES ('acct_1', 'evt_1', false, CURRENT_TIMESTAMP, 'payment_intent.created', 'pi_1', "
+    insert = columns + values + ("CAST(:data AS jsonb))" if backend == "postgres" else ":data)")
+    read = "SELECT data FROM events WHERE id = 'evt_1'"
+    column_type = (
+        "SELECT data_type FROM information_schema.columns WHERE table_name = 'events' AND column_name = 'data'"
+    )
+
+    def stored() -> object:
+        ((value,),) = asyncio.run(_query(url, read))
+        return json.loads(value) if isinstance(value, str) else value
+
+    try:
+        upgrade(url, "0007")
+        asyncio.run(_query(url, insert, data=json.dumps(data)))
+        assert "WHERE" not in _index_definition(url)
+        upgrade(url)
+        assert stored() == data
+        assert "pending_since IS NOT NULL" in _index_definition(url)
+        if backend == "postgres":
+            assert asyncio.run(_query(url, column_type)) == [("json",)]
+        command.downgrade(alembic_config(url), "0007")
+        assert stored() == data
+        assert "WHERE" not in _index_definition(url)
+        if backend == "postgres":
+            assert asyncio.run(_query(url, column_type)) == [("jsonb",)]
+    finally:
+        drop()
