@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from strongroom import __version__
-from strongroom.api import direct, openapi
+from strongroom.api import direct, http, openapi
 from strongroom.api import errors as api_errors
 from strongroom.api.errors import error_response
 from strongroom.api.http import Services
@@ -291,7 +291,7 @@ class _Observe:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
-                headers.append((b"request-id", ("req_" + secrets.token_urlsafe(12)).encode()))
+                headers.append((b"request-id", http.request_id().encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -4,7 +4,6 @@ Idempotency-Key on POST, call the service, render JSON."""
 from __future__ import annotations
 
 import contextlib
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,6 +26,7 @@ from strongroom.connectors.sandbox import SandboxProcessor
 from strongroom.errors import InvalidRequest, StrongroomError
 from strongroom.idempotency import service as idempotency
 from strongroom.idempotency.service import NULL_RECORDER, Claim, Finish, NotHeld, Recorder, Replay
+from strongroom.ids import random_part
 from strongroom.payments.context import PaymentsContext
 from strongroom.settings import Settings
 from strongroom.store.db import Database
@@ -277,4 +277,5 @@ def _outcome_unknown(principal: Principal) -> Response:
 
 
 def request_id() -> str:
-    return "req_" + secrets.token_urlsafe(12)
+    """Each answer's Request-Id: an identifier, from the ids' block of OS randomness."""
+    return "req_" + random_part(16)

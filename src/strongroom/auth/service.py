@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from strongroom.auth.models import NewMerchant, Principal
 from strongroom.auth.tables import api_keys, merchants
 from strongroom.errors import AuthenticationFailed
-from strongroom.ids import new_id, random_part
+from strongroom.ids import new_id, secret_part
 from strongroom.sensitive import Secret
 from strongroom.store.db import utcnow
 
@@ -45,7 +45,7 @@ async def create_merchant(
 
 
 async def create_api_key(conn: AsyncConnection, hasher: KeyHasher, merchant_id: str, *, livemode: bool) -> Secret[str]:
-    secret = (LIVE_PREFIX if livemode else TEST_PREFIX) + random_part(_SECRET_LENGTH)
+    secret = (LIVE_PREFIX if livemode else TEST_PREFIX) + secret_part(_SECRET_LENGTH)
     await conn.execute(
         api_keys.insert().values(
             key_hash=hasher.digest(secret),

@@ -70,6 +70,8 @@ class Database:
         if self.is_sqlite:
             _configure_sqlite(self.engine)
         self._raw_pool_size = raw_pool_size
+        # Connections of each loop's pool checked out by raw() (the pools belong to loops).
+        self._raw_out: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
         self._pool_timeout_s = pool_timeout_s
         # asyncpg pools belong to the event loop that made them.
         self._raw_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Any]] = (
@@ -119,8 +121,16 @@ class Database:
             creating = loop.create_task(self._create_raw_pool())
             self._raw_pools[loop] = creating
         pool = await creating
-        async with pool.acquire(timeout=self._pool_timeout_s) as conn:
-            yield conn
+        # While a connection is free, acquire cannot wait for one: its timeout (asyncpg runs it
+        # through asyncio.wait_for, a task per call: 15.6 instead of 10 µs an acquire and release,
+        # measured) is only set when all are out. One event loop per pool, so no race.
+        free = self._raw_pool_size - self._raw_out.get(loop, 0)
+        self._raw_out[loop] = self._raw_pool_size - free + 1
+        try:
+            async with pool.acquire(timeout=None if free > 0 else self._pool_timeout_s) as conn:
+                yield conn
+        finally:
+            self._raw_out[loop] -= 1
 
     async def _create_raw_pool(self) -> Any:
         import asyncpg
