@@ -221,3 +221,31 @@ async def test_a_request_cancelled_while_waiting_leaves_the_batch_to_the_others(
     assert await _ids(db, merchant) == {"evt_0", "evt_1", "evt_2", "evt_3"}
     # The lane is left working: a later commit is written.
     assert await asyncio.wait_for(group.commit([_event(merchant, "evt_later")]), timeout=10) is True
+
+
+async def test_a_batch_with_a_statement_asyncpg_has_no_plan_for_is_written_the_sqlalchemy_way_each_time(
+    db: Database,
+) -> None:
+    """An expanding IN parameter has no asyncpg plan (store.pg refuses it): a batch holding such
+    a unit goes through SQLAlchemy, the first time and again once that answer is remembered for
+    its shape, and every unit's writes land."""
+    merchant = "acct_" + secrets.token_hex(6)
+    group = GroupCommit(db, max_batch=64, max_writers=1)
+    delete = events.delete().where(
+        events.c.merchant_id == sa.bindparam("m"), events.c.id.in_(sa.bindparam("ids", expanding=True))
+    )
+    assert await group.commit([_event(merchant, "evt_doomed_one"), _event(merchant, "evt_doomed_two")])
+    commits = _count_commits(db)  # SQLAlchemy's transactions (PostgreSQL's batches bypass it)
+    for round_ in ("one", "two"):
+        before = commits[0]
+        expanding = [Write(delete, {"m": merchant, "ids": [f"evt_doomed_{round_}"]}), _event(merchant, f"evt_{round_}")]
+        plain = [[_event(merchant, f"evt_{round_}_{n}")] for n in range(5)]
+        with structlog.testing.capture_logs() as logs:
+            results = await asyncio.gather(*(group.commit(w) for w in [plain[0], expanding, *plain[1:]]))
+        assert results == [True] * 6
+        # Through SQLAlchemy, on PostgreSQL too, both times: chosen, not reached by a failed batch.
+        assert commits[0] > before
+        assert not [e for e in logs if e["event"] == "store.group_commit_batch_failed"]
+    assert await _ids(db, merchant) == {
+        f"evt_{r}{s}" for r in ("one", "two") for s in ("", *(f"_{n}" for n in range(5)))
+    }

@@ -153,6 +153,7 @@ class Database:
             max_size=self._raw_pool_size,
             init=_raw_codecs,
             reset=_keep_session,
+            max_inactive_connection_lifetime=0,
             server_settings=settings,
         )
 

@@ -62,6 +62,12 @@ class Unit:
     guard: Guard | None = None
     done: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
+    @functools.cached_property
+    def shape(self) -> tuple[tuple[int, tuple[str, ...]], ...]:
+        """Its statements and their parameter names, in order: units of one shape share each
+        statement's executemany (computed once a unit; a batch looks at it twice or more)."""
+        return tuple((id(w.statement), tuple(w.params)) for w in self.writes)
+
 
 @dataclass
 class _Lane:
@@ -188,18 +194,32 @@ def _by_shape(batch: Sequence[Unit], passed: list[bool]) -> dict[Any, list[Unit]
     shapes: dict[Any, list[Unit]] = {}
     for unit, ok in zip(batch, passed, strict=True):
         if ok:
-            shape = tuple((id(w.statement), tuple(w.params)) for w in unit.writes)
-            shapes.setdefault(shape, []).append(unit)
+            shapes.setdefault(unit.shape, []).append(unit)
     return shapes
 
 
+# Whether every statement of a shape has a plan on asyncpg, by shape, with the statements (kept,
+# so that no other statement can take one's id while it is here). Shapes come from a few call
+# sites; the bound only guards against a caller that builds statements afresh each time.
+_TRANSLATABLE: dict[tuple[tuple[int, tuple[str, ...]], ...], tuple[tuple[sa.Executable, ...], bool]] = {}
+_TRANSLATABLE_MAX = 1024
+
+
 def _translatable(batch: Sequence[Unit], dialect: Dialect) -> bool:
-    try:
-        for unit in batch:
-            for write in unit.writes:
-                pg.plan(write.statement, tuple(write.params), dialect)
-    except pg.Untranslatable:
-        return False
+    for unit in batch:
+        known = _TRANSLATABLE.get(unit.shape)
+        if known is None:
+            try:
+                for write in unit.writes:
+                    pg.plan(write.statement, tuple(write.params), dialect)
+                ok = True
+            except pg.Untranslatable:
+                ok = False
+            if len(_TRANSLATABLE) >= _TRANSLATABLE_MAX:
+                _TRANSLATABLE.clear()
+            known = _TRANSLATABLE[unit.shape] = (tuple(w.statement for w in unit.writes), ok)
+        if not known[1]:
+            return False
     return True
 
 
