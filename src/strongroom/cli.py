@@ -136,8 +136,10 @@ def _run_server(
 ) -> None:
     import uvicorn
 
-    uvicorn.run(
-        factory,
+    from strongroom import workers as worker_processes
+
+    options: dict[str, Any] = dict(
+        app=factory,
         factory=True,
         host=host,
         port=port,
@@ -154,6 +156,11 @@ def _run_server(
         # Pickled into each spawned worker; it builds our TLS context, not uvicorn's default one.
         ssl_context_factory=tls.uvicorn_factory(policy) if policy is not None else None,
     )
+    if workers > 1:
+        # Each worker on a socket of its own (SO_REUSEPORT): the kernel spreads connections.
+        worker_processes.serve(uvicorn.Config(**options))
+    else:
+        uvicorn.run(**options)
 
 
 @certs_app.command("dev")
