@@ -24,11 +24,11 @@ from strongroom.store import pg
 from strongroom.store.db import Database
 from strongroom.store.group import GroupCommit, Guard, Write, execute
 
-# PostgreSQL only (and not skipped on SQLite: there is nothing of this module to run there).
-pytestmark = [
-    pytest.mark.skipif(PG_URL is None, reason="needs STRONGROOM_TEST_DATABASE_URL"),
-    pytest.mark.parametrize("database_url", ["postgres"], indirect=True),
-]
+# PostgreSQL only, selected like the other PostgreSQL tests: without it (the variable unset or
+# empty) there is nothing of this module to run, and it is not collected rather than skipped.
+PG_PARAMS = ["postgres"] if PG_URL else []
+pytestmark = pytest.mark.parametrize("database_url", PG_PARAMS, indirect=True)
+__test__ = bool(PG_PARAMS)
 
 _INSERT = events.insert()
 _INSERT_RETURNING = events.insert().returning(events.c.id)
