@@ -1,7 +1,8 @@
 """`strongroom serve --workers N`: each worker listens on a socket of its own on the same port
 (SO_REUSEPORT), so connections opened together and kept are spread by the kernel rather than
-taken by whichever worker woke first; a worker that dies is replaced on its socket, so the
-connections the kernel sends there are still answered. Real processes, read from /proc."""
+taken by whichever worker woke first; a worker that dies is replaced on its socket, and uvicorn's
+SIGTTIN / SIGTTOU add a worker with a socket or retire one with its socket, so every connection
+the kernel sends somewhere is answered. Real processes, read from /proc."""
 
 from __future__ import annotations
 
@@ -95,6 +96,14 @@ def _wait_for(condition: object, timeout_s: float, what: str, served: Served) ->
     raise AssertionError(f"{what} within {timeout_s} s:\n{_tail(served.log, 40)}")
 
 
+def _answers_every_new_connection(served: Served, count: int = 40) -> None:
+    """Each on a new connection, so each lands on a socket the kernel picks: one that nobody
+    accepts on would leave its share unanswered (a timeout here)."""
+    for _ in range(count):
+        with httpx.Client(base_url=served.url, timeout=10) as client:
+            assert client.get("/healthz").status_code == 200
+
+
 def test_each_worker_listens_on_its_own_socket_and_kept_connections_are_spread(two_workers: Served) -> None:
     workers = _workers(two_workers)
     assert len(workers) == 2
@@ -139,11 +148,7 @@ def test_a_worker_that_dies_is_replaced_on_its_socket_and_every_new_connection_i
     # The replacement serves the dead worker's socket: the same one, still open in the parent.
     _wait_for(lambda: _socket_inodes(replacement) & listening == victim_socket, 60, "socket not handed on", two_workers)
     _wait_healthy(two_workers.proc, two_workers.url, two_workers.log)
-    # New connections land on either socket; every one is answered (none waits on a socket that
-    # nobody accepts on: they would time out here).
-    for _ in range(40):
-        with httpx.Client(base_url=two_workers.url, timeout=10) as client:
-            assert client.get("/healthz").status_code == 200
+    _answers_every_new_connection(two_workers)
 
 
 def test_reuseport_sockets_share_one_port_even_when_the_port_is_chosen_by_the_system() -> None:
@@ -168,3 +173,22 @@ def test_a_port_held_without_reuseport_refuses_the_workers_sockets() -> None:
         port = holder.getsockname()[1]
         with pytest.raises(OSError):
             reuseport_sockets("127.0.0.1", port, 2)
+
+
+def test_sigttou_retires_a_worker_and_its_socket_leaves_the_port(two_workers: Served) -> None:
+    os.kill(two_workers.proc.pid, signal.SIGTTOU)
+    _wait_for(lambda: len(_workers(two_workers)) == 1, 60, "one worker left", two_workers)
+    _wait_for(lambda: len(_tcp(two_workers.port)[0]) == 1, 30, "one listening socket left", two_workers)
+    (worker,) = _workers(two_workers)
+    assert _socket_inodes(worker) & _tcp(two_workers.port)[0]
+    _answers_every_new_connection(two_workers)
+
+
+def test_sigttin_adds_a_worker_on_a_socket_of_its_own(two_workers: Served) -> None:
+    os.kill(two_workers.proc.pid, signal.SIGTTIN)
+    _wait_for(lambda: len(_tcp(two_workers.port)[0]) == 3, 60, "three listening sockets", two_workers)
+    workers = _workers(two_workers)
+    listening = _tcp(two_workers.port)[0]
+    assert len(workers) == 3
+    assert sorted(len(_socket_inodes(pid) & listening) for pid in workers) == [1, 1, 1]
+    _answers_every_new_connection(two_workers)

@@ -96,12 +96,31 @@ class SocketPerWorker(Multiprocess):
                 return
             self.processes[index] = self._worker(index)
 
+    def handle_ttin(self) -> None:
+        """SIGTTIN: one worker more, on a socket of its own joining the port's group."""
+        (sock,) = reuseport_sockets(self.config.host, self.sockets[0].getsockname()[1], 1)
+        self.sockets.append(sock)
+        self.processes_num += 1
+        self.processes.append(self._worker(len(self.processes)))
+
+    def handle_ttou(self) -> None:
+        """SIGTTOU: one worker fewer, and its socket leaves the group, so that no new connection
+        is sent where nobody accepts any more. (Connections already queued on it when the worker
+        stops are reset, as on any listener that closes.)"""
+        if self.processes_num <= 1:
+            return
+        self.processes_num -= 1
+        process, sock = self.processes.pop(), self.sockets.pop()
+        sock.close()  # the parent's copy: the group drops the socket once the worker's closes too
+        process.terminate()
+        process.join()
+
 
 def serve(config: Config) -> None:
     """Run `config.workers` workers, each on its own SO_REUSEPORT socket, until a signal."""
-    sockets = reuseport_sockets(config.host, config.port, config.workers)
+    supervisor = SocketPerWorker(config, reuseport_sockets(config.host, config.port, config.workers))
     try:
-        SocketPerWorker(config, sockets).run()
+        supervisor.run()
     finally:
-        for sock in sockets:
+        for sock in supervisor.sockets:  # as many as the workers then (SIGTTIN/SIGTTOU change it)
             sock.close()
