@@ -56,6 +56,7 @@ def plot(samples: list[Sample], path: Path, title: str) -> None:
     left.plot(range(len(series)), series)
     left.set_xlabel("second")
     left.set_ylabel("payments/s")
+    left.set_ylim(bottom=0)  # from zero: a dip of a few percent must not look like a collapse
     left.set_title("throughput")
     latencies = [s.latency_ms for s in samples if s.outcome == "ok"]
     right.hist(latencies, bins=50)
@@ -80,6 +81,7 @@ def plot_wrk(per_second_ok: list[int], latency_cdf_us: list[list[float]], path: 
     left.plot(range(len(per_second_ok)), per_second_ok)
     left.set_xlabel("second")
     left.set_ylabel("payments/s")
+    left.set_ylim(bottom=0)  # from zero: a dip of a few percent must not look like a collapse
     left.set_title("throughput")
     right.plot([us / 1000 for _, us in latency_cdf_us], [p for p, _ in latency_cdf_us])
     right.set_xlabel("latency (ms)")
