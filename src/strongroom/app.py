@@ -171,6 +171,7 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
             pool_timeout_s=settings.database.pool_timeout_s,
             raw_pool_size=settings.database.raw_pool_size,
             read_gather_turns=settings.database.group_commit_gather_turns,
+            flush_max_wait_s=settings.database.flush_max_wait_s,
         )
         app.state.services = build_services(settings, db, public_url)
         if isinstance(app.state.services.payments.vault, Vault):

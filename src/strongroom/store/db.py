@@ -15,6 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from strongroom.store.flush import FlushScheduler
 from strongroom.store.reads import GroupRead
 
 
@@ -46,6 +47,7 @@ class Database:
         pool_timeout_s: float = 30.0,
         raw_pool_size: int = 10,
         read_gather_turns: int = 0,
+        flush_max_wait_s: float = 0.0,
         echo: bool = False,
     ) -> None:
         parsed = make_url(url)
@@ -78,7 +80,10 @@ class Database:
             weakref.WeakKeyDictionary()
         )
         # `fetch_one` lookups of one statement arriving together go as one (store.reads).
-        self._reads = GroupRead(self.raw, gather_turns=read_gather_turns)
+        # Group commit's and group reads' statements, one at a time per loop, the fullest lane
+        # first (store.flush); off (0) leaves each lane its own writer.
+        self.flushes = FlushScheduler(max_wait_s=flush_max_wait_s) if flush_max_wait_s > 0 else None
+        self._reads = GroupRead(self.raw, gather_turns=read_gather_turns, scheduler=self.flushes)
 
     @property
     def dialect(self) -> str:

@@ -75,6 +75,8 @@ class _Lane:
 
     queue: list[Unit] = field(default_factory=list)
     writers: set[asyncio.Task[None]] = field(default_factory=set)
+    # What the flush scheduler is handed when this lane has units (made once per lane).
+    hooks: tuple[Callable[[], int], Callable[[], Awaitable[None]], Callable[[], None]] | None = None
 
 
 async def execute(conn: AsyncConnection, writes: Sequence[Write]) -> None:
@@ -91,6 +93,9 @@ class GroupCommit:
         # Event-loop turns a writer lets pass before it takes each batch (see settings).
         self._gather_turns = max(0, gather_turns)
         self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = weakref.WeakKeyDictionary()
+        # With gathering on, the process's flush scheduler decides when this lane's batch goes
+        # (store.flush: one statement at a time, the fullest lane first); else a writer per lane.
+        self._scheduler = db.flushes if self._gather_turns > 0 else None
 
     async def commit(self, writes: Sequence[Write], guard: Guard | None = None) -> bool:
         """True once the writes are committed; False if the guard failed (nothing written).
@@ -99,6 +104,15 @@ class GroupCommit:
         lane = self._lanes.setdefault(loop, _Lane())
         unit = Unit(writes, guard)
         lane.queue.append(unit)
+        if self._scheduler is not None:
+            if lane.hooks is None:
+                lane.hooks = (
+                    lambda: len(lane.queue),
+                    functools.partial(self._flush, lane),
+                    functools.partial(_cancel_queued, lane),
+                )
+            self._scheduler.ready(id(lane), *lane.hooks)
+            return await unit.done
         if len(lane.writers) < self._max_writers:
             writer = loop.create_task(self._drain(lane))
             lane.writers.add(writer)
@@ -118,18 +132,7 @@ class GroupCommit:
                     # batches (each costs a commit), for no wait beyond the loop's own turns.
                     await asyncio.sleep(0)
                 batch, lane.queue = lane.queue[: self._max_batch], lane.queue[self._max_batch :]
-                try:
-                    results = await self._batch(batch)
-                except Exception as exc:
-                    # Visible: a batch path that always fails would otherwise only be slow. The
-                    # error's type only (a message can quote a row's values).
-                    log.warning("store.group_commit_batch_failed", error=type(exc).__name__, units=len(batch))
-                    # Whatever failed (one unit's constraint, a lost connection), each unit is
-                    # now tried alone: a bad unit fails alone and the others are unaffected.
-                    await self._one_by_one(batch)
-                    continue
-                for unit, ok in zip(batch, results, strict=True):
-                    _settle(unit, ok)
+                await self._write_batch(batch)
         except BaseException:
             # Cancelled (shutdown): no request may wait forever for a writer that is gone.
             for unit in [*batch, *lane.queue]:
@@ -143,6 +146,33 @@ class GroupCommit:
             task = asyncio.current_task()
             if task is not None:
                 lane.writers.discard(task)
+
+    async def _flush(self, lane: _Lane) -> None:
+        """One batch of the lane, for the flush scheduler; units beyond `max_batch` wait for the
+        lane's next flush."""
+        batch, lane.queue = lane.queue[: self._max_batch], lane.queue[self._max_batch :]
+        if lane.queue and self._scheduler is not None and lane.hooks is not None:
+            self._scheduler.ready(id(lane), *lane.hooks)
+        try:
+            await self._write_batch(batch)
+        except BaseException:
+            for unit in batch:  # cancelled (shutdown): no request waits for a batch that is gone
+                unit.done.cancel()
+            raise
+
+    async def _write_batch(self, batch: list[Unit]) -> None:
+        try:
+            results = await self._batch(batch)
+        except Exception as exc:
+            # Visible: a batch path that always fails would otherwise only be slow. The error's
+            # type only (a message can quote a row's values).
+            log.warning("store.group_commit_batch_failed", error=type(exc).__name__, units=len(batch))
+            # Whatever failed (one unit's constraint, a lost connection), each unit is now tried
+            # alone: a bad unit fails alone and the others are unaffected.
+            await self._one_by_one(batch)
+            return
+        for unit, ok in zip(batch, results, strict=True):
+            _settle(unit, ok)
 
     async def _batch(self, batch: list[Unit]) -> list[bool]:
         if self._db.dialect == "postgresql" and _translatable(batch, self._db.engine.dialect):
@@ -173,6 +203,13 @@ def _writer_done(lane: _Lane, writer: asyncio.Task[None]) -> None:
         for unit in lane.queue:
             unit.done.cancel()
         lane.queue = []
+
+
+def _cancel_queued(lane: _Lane) -> None:
+    """The scheduler will not flush this lane (it stopped): its queued units are cancelled."""
+    queued, lane.queue = lane.queue, []
+    for unit in queued:
+        unit.done.cancel()
 
 
 def _settle(unit: Unit, ok: bool) -> None:

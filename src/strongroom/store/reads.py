@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from strongroom.store import pg
+from strongroom.store.flush import FlushScheduler
 
 Row = dict[str, Any]
 
@@ -39,9 +40,18 @@ class _Lane:
 
 
 class GroupRead:
-    def __init__(self, connect: Callable[[], AbstractAsyncContextManager[Any]], *, gather_turns: int) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], AbstractAsyncContextManager[Any]],
+        *,
+        gather_turns: int,
+        scheduler: FlushScheduler | None = None,
+    ) -> None:
         self._connect = connect
         self._gather_turns = max(0, gather_turns)
+        # When given, it decides when each statement's lookups go (store.flush); else a task
+        # per statement lets `gather_turns` turns pass first.
+        self._scheduler = scheduler
         self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = weakref.WeakKeyDictionary()
 
     async def fetch_one(self, plan: pg.Plan, params: Mapping[str, Any]) -> Row | None:
@@ -51,7 +61,16 @@ class GroupRead:
         lane = self._lanes.setdefault(loop, _Lane())
         lookup = _Lookup(params, loop.create_future())
         queued = lane.pending.get(id(plan))
-        if queued is None:
+        if queued is None and self._scheduler is not None:
+            waiting = [lookup]
+            lane.pending[id(plan)] = (plan, waiting)
+            self._scheduler.ready(
+                (id(self), id(plan)),
+                waiting.__len__,
+                functools.partial(self._flush, lane, plan, waiting),
+                functools.partial(_abandon, lane, id(plan), waiting),
+            )
+        elif queued is None:
             waiting = [lookup]
             lane.pending[id(plan)] = (plan, waiting)
             task = loop.create_task(self._gather(lane, plan))
@@ -67,6 +86,17 @@ class GroupRead:
         for _ in range(self._gather_turns):
             await asyncio.sleep(0)  # lookups a turn or two behind join this one
         await self._run(plan, lane.pending.pop(id(plan))[1])
+
+    async def _flush(self, lane: _Lane, plan: pg.Plan, waiting: list[_Lookup]) -> None:
+        """The statement's lookups, for the flush scheduler; later ones start a new list."""
+        if lane.pending.get(id(plan), (None, None))[1] is waiting:
+            del lane.pending[id(plan)]
+        try:
+            await self._run(plan, waiting)
+        except BaseException:
+            for lookup in waiting:  # cancelled (shutdown): nothing answered is left waiting
+                lookup.done.cancel()
+            raise
 
     async def _run(self, plan: pg.Plan, batch: list[_Lookup]) -> None:
         statement = pg.batched(plan)
@@ -114,6 +144,15 @@ def _finished(lane: _Lane, key: int, waiting: list[_Lookup], task: asyncio.Task[
         del lane.pending[key]
     for lookup in waiting:
         lookup.done.cancel()  # nothing for a lookup already answered
+
+
+def _abandon(lane: _Lane, key: int, waiting: list[_Lookup]) -> None:
+    """The scheduler will not flush these lookups (it stopped): each is cancelled, and no later
+    lookup joins their list."""
+    if key in lane.pending and lane.pending[key][1] is waiting:
+        del lane.pending[key]
+    for lookup in waiting:
+        lookup.done.cancel()
 
 
 def _settle(lookup: _Lookup, row: Row | None) -> None:
