@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -212,3 +213,28 @@ async def test_a_failing_unit_fails_alone_under_the_scheduler(scheduled: Databas
     async with scheduled.read() as conn:
         ids = set((await conn.execute(sa.select(events.c.id).where(events.c.merchant_id == merchant))).scalars())
     assert ids == {"evt_taken"} | {f"evt_{n}" for n in range(5)}
+
+
+async def test_a_lane_registered_again_by_units_its_flush_took_writes_no_empty_batch(scheduled: Database) -> None:
+    """Units that arrive after the scheduler chose a lane but before its flush began go with that
+    flush and register the lane again: that second turn finds nothing and sends nothing (it used
+    to send an empty batch: on PostgreSQL a statement refused, logged as a failed batch)."""
+    merchant = "acct_" + secrets.token_hex(6)
+    lane = GroupCommit(scheduled, max_batch=64, max_writers=1, gather_turns=4)
+    sizes: list[int] = []
+    batch = lane._batch
+
+    async def recorded(units: list[Any]) -> list[bool]:
+        sizes.append(len(units))
+        return await batch(units)
+
+    lane._batch = recorded  # type: ignore[method-assign]
+    for delay in range(10):  # the second unit a few turns after the first: one lands in the gap
+        first = asyncio.ensure_future(lane.commit([_event(merchant, f"evt_{delay}_a", "test.first")]))
+        for _ in range(delay):
+            await asyncio.sleep(0)
+        second = lane.commit([_event(merchant, f"evt_{delay}_b", "test.first")])
+        assert await asyncio.wait_for(asyncio.gather(first, second), 10) == [True, True]
+    await asyncio.sleep(0.01)
+    assert sizes and 0 not in sizes
+    assert sum(sizes) == 20

@@ -151,6 +151,10 @@ class GroupCommit:
         """One batch of the lane, for the flush scheduler; units beyond `max_batch` wait for the
         lane's next flush."""
         batch, lane.queue = lane.queue[: self._max_batch], lane.queue[self._max_batch :]
+        if not batch:
+            # Taken already: units that arrived after the scheduler chose this lane but before
+            # its flush began went with that flush, yet registered the lane again.
+            return
         if lane.queue and self._scheduler is not None and lane.hooks is not None:
             self._scheduler.ready(id(lane), *lane.hooks)
         try:
