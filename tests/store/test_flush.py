@@ -6,7 +6,6 @@ real group commits and group reads on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,12 +13,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import structlog.testing
+from tests.store.writes import event_write
 
 from strongroom.events.tables import events
 from strongroom.store import flush as flush_module
 from strongroom.store.db import Database
 from strongroom.store.flush import FlushScheduler
-from strongroom.store.group import GroupCommit, Write
+from strongroom.store.group import GroupCommit
 
 
 class FakeLane:
@@ -145,7 +145,6 @@ async def test_when_the_scheduler_stops_no_unit_is_left_waiting() -> None:
 
 # The same with real lanes: group commits and group reads sharing one scheduler.
 
-_INSERT = events.insert()
 _BY_ID = sa.select(events.c.id, events.c.type).where(
     events.c.merchant_id == sa.bindparam("m"), events.c.id == sa.bindparam("i")
 )
@@ -156,21 +155,6 @@ async def scheduled(database_url: str) -> AsyncIterator[Database]:
     database = Database(database_url, read_gather_turns=4, flush_max_wait_s=0.002)
     yield database
     await database.dispose()
-
-
-def _event(merchant_id: str, event_id: str, type_: str) -> Write:
-    return Write(
-        _INSERT,
-        {
-            "merchant_id": merchant_id,
-            "id": event_id,
-            "livemode": False,
-            "created": dt.datetime.now(dt.UTC),
-            "type": type_,
-            "object_id": "obj_1",
-            "data": {"object": {"id": "obj_1"}},
-        },
-    )
 
 
 async def test_requests_committing_reading_and_committing_again_all_land_in_shared_statements(
@@ -184,9 +168,9 @@ async def test_requests_committing_reading_and_committing_again_all_land_in_shar
     second_lane = GroupCommit(scheduled, max_batch=64, max_writers=1, gather_turns=4)
 
     async def request(n: int) -> dict[str, object] | None:
-        assert await first_lane.commit([_event(merchant, f"evt_{n}_a", "test.first")])
+        assert await first_lane.commit([event_write(merchant, f"evt_{n}_a", "test.first")])
         row = await scheduled.fetch_one(_BY_ID, {"m": merchant, "i": f"evt_{n}_a"})
-        assert await second_lane.commit([_event(merchant, f"evt_{n}_b", "test.second")])
+        assert await second_lane.commit([event_write(merchant, f"evt_{n}_b", "test.second")])
         return row
 
     rows = await asyncio.wait_for(asyncio.gather(*(request(n) for n in range(30))), 30)
@@ -202,9 +186,9 @@ async def test_requests_committing_reading_and_committing_again_all_land_in_shar
 async def test_a_failing_unit_fails_alone_under_the_scheduler(scheduled: Database) -> None:
     merchant = "acct_" + secrets.token_hex(6)
     lane = GroupCommit(scheduled, max_batch=64, max_writers=1, gather_turns=4)
-    assert await lane.commit([_event(merchant, "evt_taken", "test.first")])
-    units = [[_event(merchant, f"evt_{n}", "test.first")] for n in range(5)]
-    bad = [_event(merchant, "evt_bad_first", "test.first"), _event(merchant, "evt_taken", "test.first")]
+    assert await lane.commit([event_write(merchant, "evt_taken", "test.first")])
+    units = [[event_write(merchant, f"evt_{n}", "test.first")] for n in range(5)]
+    bad = [event_write(merchant, "evt_bad_first", "test.first"), event_write(merchant, "evt_taken", "test.first")]
     results = await asyncio.wait_for(
         asyncio.gather(*(lane.commit(w) for w in [*units[:2], bad, *units[2:]]), return_exceptions=True), 30
     )
@@ -230,11 +214,30 @@ async def test_a_lane_registered_again_by_units_its_flush_took_writes_no_empty_b
 
     lane._batch = recorded  # type: ignore[method-assign]
     for delay in range(10):  # the second unit a few turns after the first: one lands in the gap
-        first = asyncio.ensure_future(lane.commit([_event(merchant, f"evt_{delay}_a", "test.first")]))
+        first = asyncio.ensure_future(lane.commit([event_write(merchant, f"evt_{delay}_a", "test.first")]))
         for _ in range(delay):
             await asyncio.sleep(0)
-        second = lane.commit([_event(merchant, f"evt_{delay}_b", "test.first")])
+        second = lane.commit([event_write(merchant, f"evt_{delay}_b", "test.first")])
         assert await asyncio.wait_for(asyncio.gather(first, second), 10) == [True, True]
     await asyncio.sleep(0.01)
     assert sizes and 0 not in sizes
     assert sum(sizes) == 20
+
+
+async def test_a_request_cancelled_while_waiting_leaves_the_others_answered_and_its_writes_committed(
+    scheduled: Database,
+) -> None:
+    """Its client gone while its unit waits for the scheduler: only that request is cancelled,
+    the others are answered True, and its writes, handed over already, are committed with theirs."""
+    merchant = "acct_" + secrets.token_hex(6)
+    lane = GroupCommit(scheduled, max_batch=64, max_writers=1, gather_turns=4)
+    tasks = [asyncio.ensure_future(lane.commit([event_write(merchant, f"evt_{n}")])) for n in range(4)]
+    await asyncio.sleep(0)  # queued; the scheduler gathers before it flushes
+    tasks[1].cancel()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert [results[n] for n in (0, 2, 3)] == [True, True, True]
+    async with scheduled.read() as conn:
+        ids = set((await conn.execute(sa.select(events.c.id).where(events.c.merchant_id == merchant))).scalars())
+    assert ids == {"evt_0", "evt_1", "evt_2", "evt_3"}
+    assert await asyncio.wait_for(lane.commit([event_write(merchant, "evt_later")]), 10) is True

@@ -4,7 +4,6 @@ request's writes still commit all together or not at all, on SQLite and PostgreS
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,13 +13,12 @@ import sqlalchemy as sa
 import structlog.testing
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
+from tests.store.writes import event_write
 
 from strongroom.events.tables import events
 from strongroom.store import group as group_module
 from strongroom.store.db import Database
 from strongroom.store.group import GroupCommit, Guard, Write
-
-_INSERT = events.insert()
 
 
 @pytest.fixture
@@ -28,21 +26,6 @@ async def db(database_url: str) -> AsyncIterator[Database]:
     database = Database(database_url)
     yield database
     await database.dispose()
-
-
-def _event(merchant_id: str, event_id: str, type_: str = "test.grouped") -> Write:
-    return Write(
-        _INSERT,
-        {
-            "merchant_id": merchant_id,
-            "id": event_id,
-            "livemode": False,
-            "created": dt.datetime.now(dt.UTC),
-            "type": type_,
-            "object_id": "obj_1",
-            "data": {"object": {"id": "obj_1"}},
-        },
-    )
 
 
 async def _ids(db: Database, merchant_id: str) -> set[str]:
@@ -76,7 +59,7 @@ async def test_concurrent_units_share_transactions_and_every_write_commits(db: D
     merchant = "acct_" + secrets.token_hex(6)
     group = GroupCommit(db, max_batch=64, max_writers=1)
     commits = _count_commits(db)
-    units = [[_event(merchant, f"evt_{n}_a"), _event(merchant, f"evt_{n}_b")] for n in range(30)]
+    units = [[event_write(merchant, f"evt_{n}_a"), event_write(merchant, f"evt_{n}_b")] for n in range(30)]
 
     results = await asyncio.gather(*(group.commit(writes) for writes in units))
 
@@ -89,10 +72,10 @@ async def test_concurrent_units_share_transactions_and_every_write_commits(db: D
 async def test_a_failing_unit_fails_alone_and_writes_nothing_while_the_others_commit(db: Database) -> None:
     merchant = "acct_" + secrets.token_hex(6)
     group = GroupCommit(db, max_batch=64, max_writers=1)
-    assert await group.commit([_event(merchant, "evt_taken")])
-    units = [[_event(merchant, f"evt_{n}"), _event(merchant, f"evt_{n}_second")] for n in range(9)]
+    assert await group.commit([event_write(merchant, "evt_taken")])
+    units = [[event_write(merchant, f"evt_{n}"), event_write(merchant, f"evt_{n}_second")] for n in range(9)]
     # Its second write collides with an existing row: its first write must not survive either.
-    bad = [_event(merchant, "evt_bad_first"), _event(merchant, "evt_taken")]
+    bad = [event_write(merchant, "evt_bad_first"), event_write(merchant, "evt_taken")]
 
     with structlog.testing.capture_logs() as logs:
         results = await asyncio.gather(
@@ -112,16 +95,16 @@ async def test_a_failing_unit_fails_alone_and_writes_nothing_while_the_others_co
 async def test_a_unit_whose_guard_no_longer_holds_writes_nothing(db: Database) -> None:
     merchant = "acct_" + secrets.token_hex(6)
     group = GroupCommit(db, max_batch=64, max_writers=1)
-    assert await group.commit([_event(merchant, "evt_state", type_="state.a")])
+    assert await group.commit([event_write(merchant, "evt_state", type_="state.a")])
 
     def guard(expected_type: str) -> Guard:
         return Guard(events, merchant, False, "evt_state", {"type": expected_type})
 
     held, stale, missing = await asyncio.gather(
-        group.commit([_event(merchant, "evt_held")], guard("state.a")),
-        group.commit([_event(merchant, "evt_stale")], guard("state.b")),
+        group.commit([event_write(merchant, "evt_held")], guard("state.a")),
+        group.commit([event_write(merchant, "evt_stale")], guard("state.b")),
         group.commit(
-            [_event(merchant, "evt_missing")], Guard(events, merchant, False, "evt_nowhere", {"type": "state.a"})
+            [event_write(merchant, "evt_missing")], Guard(events, merchant, False, "evt_nowhere", {"type": "state.a"})
         ),
     )
 
@@ -134,7 +117,7 @@ async def test_batches_never_exceed_their_bound(db: Database) -> None:
     group = GroupCommit(db, max_batch=4, max_writers=1)
     commits = _count_commits(db)
 
-    await asyncio.gather(*(group.commit([_event(merchant, f"evt_{n}")]) for n in range(17)))
+    await asyncio.gather(*(group.commit([event_write(merchant, f"evt_{n}")]) for n in range(17)))
 
     assert len(await _ids(db, merchant)) == 17
     # 1 alone, then 16 queued in batches of at most 4.
@@ -159,11 +142,11 @@ async def test_a_unit_queued_as_the_writer_finishes_is_still_written(
         if not later:
             # Scheduled now, so it runs right after the writer's current step ends: after the
             # writer has left its loop, before the writer task's done-callbacks.
-            later.append(asyncio.get_running_loop().create_task(group.commit([_event(merchant, "evt_second")])))
+            later.append(asyncio.get_running_loop().create_task(group.commit([event_write(merchant, "evt_second")])))
 
     monkeypatch.setattr(group_module, "_settle", settle_then_another_arrives)
 
-    assert await group.commit([_event(merchant, "evt_first")])
+    assert await group.commit([event_write(merchant, "evt_first")])
     assert await asyncio.wait_for(later[0], timeout=10)
     assert await _ids(db, merchant) == {"evt_first", "evt_second"}
 
@@ -178,11 +161,11 @@ async def test_a_unit_committed_a_turn_after_another_joins_its_batch_when_the_wr
     merchant = "acct_" + secrets.token_hex(6)
     group = GroupCommit(db, max_batch=64, max_writers=1, gather_turns=turns)
     commits = _count_commits(db)
-    first = asyncio.ensure_future(group.commit([_event(merchant, "evt_first")]))
+    first = asyncio.ensure_future(group.commit([event_write(merchant, "evt_first")]))
     await asyncio.sleep(0)  # the first unit is queued and its writer scheduled
     # The second is queued one turn later, after the writer's first step (asyncio runs ready
     # callbacks in order): a writer that does not gather has taken the first unit alone by then.
-    second = group.commit([_event(merchant, "evt_second")])
+    second = group.commit([event_write(merchant, "evt_second")])
     assert await asyncio.gather(first, second) == [True, True]
     assert await _ids(db, merchant) == {"evt_first", "evt_second"}
     assert await _transactions(db, merchant, commits) == transactions
@@ -196,13 +179,13 @@ async def test_a_writer_cancelled_before_it_began_leaves_no_unit_waiting_and_a_l
     commit starts a new one and is written."""
     merchant = "acct_" + secrets.token_hex(6)
     group = GroupCommit(db, max_batch=64, max_writers=1)
-    waiting = asyncio.ensure_future(group.commit([_event(merchant, "evt_cancelled")]))
+    waiting = asyncio.ensure_future(group.commit([event_write(merchant, "evt_cancelled")]))
     await asyncio.sleep(0)  # the unit is queued and its writer scheduled, not yet run
     (writer,) = group._lanes[asyncio.get_running_loop()].writers
     writer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(waiting, timeout=10)  # a unit left waiting fails here, not hangs
-    assert await asyncio.wait_for(group.commit([_event(merchant, "evt_later")]), timeout=10) is True
+    assert await asyncio.wait_for(group.commit([event_write(merchant, "evt_later")]), timeout=10) is True
     assert await _ids(db, merchant) == {"evt_later"}
 
 
@@ -212,7 +195,7 @@ async def test_a_request_cancelled_while_waiting_leaves_the_batch_to_the_others(
     them; the cancellation reaches only the request that was cancelled."""
     merchant = "acct_" + secrets.token_hex(6)
     group = GroupCommit(db, max_batch=64, max_writers=1, gather_turns=2)
-    tasks = [asyncio.ensure_future(group.commit([_event(merchant, f"evt_{n}")])) for n in range(4)]
+    tasks = [asyncio.ensure_future(group.commit([event_write(merchant, f"evt_{n}")])) for n in range(4)]
     await asyncio.sleep(0)  # queued; the writer lets turns pass before taking them
     tasks[1].cancel()
     results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
@@ -220,7 +203,7 @@ async def test_a_request_cancelled_while_waiting_leaves_the_batch_to_the_others(
     assert [results[n] for n in (0, 2, 3)] == [True, True, True]
     assert await _ids(db, merchant) == {"evt_0", "evt_1", "evt_2", "evt_3"}
     # The lane is left working: a later commit is written.
-    assert await asyncio.wait_for(group.commit([_event(merchant, "evt_later")]), timeout=10) is True
+    assert await asyncio.wait_for(group.commit([event_write(merchant, "evt_later")]), timeout=10) is True
 
 
 async def test_a_batch_with_a_statement_asyncpg_has_no_plan_for_is_written_the_sqlalchemy_way_each_time(
@@ -234,12 +217,15 @@ async def test_a_batch_with_a_statement_asyncpg_has_no_plan_for_is_written_the_s
     delete = events.delete().where(
         events.c.merchant_id == sa.bindparam("m"), events.c.id.in_(sa.bindparam("ids", expanding=True))
     )
-    assert await group.commit([_event(merchant, "evt_doomed_one"), _event(merchant, "evt_doomed_two")])
+    assert await group.commit([event_write(merchant, "evt_doomed_one"), event_write(merchant, "evt_doomed_two")])
     commits = _count_commits(db)  # SQLAlchemy's transactions (PostgreSQL's batches bypass it)
     for round_ in ("one", "two"):
         before = commits[0]
-        expanding = [Write(delete, {"m": merchant, "ids": [f"evt_doomed_{round_}"]}), _event(merchant, f"evt_{round_}")]
-        plain = [[_event(merchant, f"evt_{round_}_{n}")] for n in range(5)]
+        expanding = [
+            Write(delete, {"m": merchant, "ids": [f"evt_doomed_{round_}"]}),
+            event_write(merchant, f"evt_{round_}"),
+        ]
+        plain = [[event_write(merchant, f"evt_{round_}_{n}")] for n in range(5)]
         with structlog.testing.capture_logs() as logs:
             results = await asyncio.gather(*(group.commit(w) for w in [plain[0], expanding, *plain[1:]]))
         assert results == [True] * 6

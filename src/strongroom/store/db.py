@@ -129,10 +129,10 @@ class Database:
         # While a connection is free, acquire cannot wait for one: its timeout (asyncpg runs it
         # through asyncio.wait_for, a task per call: 15.6 instead of 10 µs an acquire and release,
         # measured) is only set when all are out. One event loop per pool, so no race.
-        free = self._raw_pool_size - self._raw_out.get(loop, 0)
-        self._raw_out[loop] = self._raw_pool_size - free + 1
+        out = self._raw_out.get(loop, 0)
+        self._raw_out[loop] = out + 1
         try:
-            async with pool.acquire(timeout=None if free > 0 else self._pool_timeout_s) as conn:
+            async with pool.acquire(timeout=None if out < self._raw_pool_size else self._pool_timeout_s) as conn:
                 yield conn
         finally:
             self._raw_out[loop] -= 1

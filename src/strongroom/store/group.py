@@ -155,7 +155,7 @@ class GroupCommit:
             # Taken already: units that arrived after the scheduler chose this lane but before
             # its flush began went with that flush, yet registered the lane again.
             return
-        if lane.queue and self._scheduler is not None and lane.hooks is not None:
+        if lane.queue and self._scheduler is not None and lane.hooks is not None:  # for mypy: set by commit()
             self._scheduler.ready(id(lane), *lane.hooks)
         try:
             await self._write_batch(batch)

@@ -140,15 +140,12 @@ def _finished(lane: _Lane, key: int, waiting: list[_Lookup], task: asyncio.Task[
     """However its task ended (cancelled at shutdown, even before it began), no lookup it was to
     answer waits forever, and no later lookup joins a queue that no task will take."""
     lane.tasks.discard(task)
-    if key in lane.pending and lane.pending[key][1] is waiting:
-        del lane.pending[key]
-    for lookup in waiting:
-        lookup.done.cancel()  # nothing for a lookup already answered
+    _abandon(lane, key, waiting)
 
 
 def _abandon(lane: _Lane, key: int, waiting: list[_Lookup]) -> None:
-    """The scheduler will not flush these lookups (it stopped): each is cancelled, and no later
-    lookup joins their list."""
+    """Nobody will run these lookups (their task or the scheduler stopped): each is cancelled
+    (nothing for one already answered), and no later lookup joins their list."""
     if key in lane.pending and lane.pending[key][1] is waiting:
         del lane.pending[key]
     for lookup in waiting:
