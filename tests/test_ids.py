@@ -111,3 +111,41 @@ def test_ids_are_prefixed_base62_and_distinct() -> None:
     for made_id in made:
         assert made_id.startswith("pi_") and len(made_id) == 3 + 24
         assert set(made_id[3:]) <= set(ALPHABET)
+
+
+def _decoded(part: str) -> int:
+    value = 0
+    for char in part:
+        value = value * 62 + ALPHABET.index(char)
+    return value
+
+
+def test_object_ids_begin_with_their_creation_time_and_sort_as_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first 8 characters are the millisecond the id was made (base62, most significant first),
+    so later ids sort after earlier ones, bytewise, as PostgreSQL's B-trees and SQLite compare them;
+    the other 16 are random."""
+    made: list[tuple[int, str]] = []
+    # Carries across digits (61 -> 62, 3843 -> 3844) and today's clock.
+    for ms in (0, 61, 62, 3843, 3844, 1_796_140_000_000, 1_796_140_000_001, 1_796_226_400_000):
+        monkeypatch.setattr(ids.time, "time_ns", lambda ms=ms: ms * 1_000_000 + 999_999)
+        made.append((ms, ids.new_id("event")))
+    for ms, made_id in made:
+        assert made_id.startswith("evt_") and len(made_id) == 4 + 24
+        assert _decoded(made_id[4:12]) == ms
+    assert [made_id for _, made_id in made] == sorted(made_id for _, made_id in made)
+
+
+def test_ids_of_one_millisecond_share_the_time_and_differ_in_the_random_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ids.time, "time_ns", lambda: 1_796_140_000_000_123_456)
+    made = [ids.new_id("payment_intent") for _ in range(2000)]
+    assert {made_id[3:11] for made_id in made} == {made[0][3:11]}
+    assert len({made_id[11:] for made_id in made}) == 2000
+    assert all(len(made_id[11:]) == 16 and set(made_id[11:]) <= set(ALPHABET) for made_id in made)
+
+
+def test_random_parts_carry_no_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Vault tokens and card form sessions are references to cardholder data and capabilities:
+    they use random_part, all 24 characters random, never a shared time prefix."""
+    monkeypatch.setattr(ids.time, "time_ns", lambda: 1_796_140_000_000_123_456)
+    parts = [ids.random_part() for _ in range(200)]
+    assert len({part[:8] for part in parts}) == 200

@@ -1,8 +1,20 @@
-"""Prefixed random identifiers (cus_, pm_, pi_, ch_, re_, evt_, …) like Stripe's.
+"""Prefixed identifiers (cus_, pm_, pi_, ch_, re_, evt_, …) like Stripe's.
 
-Ids are 24 characters of base62 after the prefix: ~143 bits from the OS CSPRNG (`os.urandom`,
-what `secrets` uses), so they are unguessable and carry no sequence (ARCHITECTURE: no sequential
-ids in URLs).
+Ids are 24 characters of base62 after the prefix. A stored object's id (`new_id`, `ordered_part`)
+is the time it was made, in milliseconds (8 characters, most significant first), then 16 random
+characters: ~95 bits from the OS CSPRNG (`os.urandom`, what `secrets` uses), so it is still
+unguessable and carries no sequence (ARCHITECTURE: no sequential ids in URLs; a later id cannot be
+derived from an earlier one). The time prefix is for PostgreSQL's B-trees, as UUIDv7 (RFC 9562)
+does for UUIDs: with 24 random characters every primary key insert (an intent, its charge, three
+events, a ledger transaction, the relay's audit row and the sandbox's two records a payment)
+landed on a random leaf page, dirtying pages all over the indexes and, after each checkpoint,
+writing a full-page image of each to the WAL; with time-ordered ids they land on the rightmost
+leaves, a few pages kept in memory. Measured (2 workers, 32 clients, wrk, 20 s runs, with the
+idempotency table's fillfactor, idempotency.tables): PostgreSQL's CPU 0.31-0.34 -> 0.24 ms a
+payment. The creation time an id shows is already public (`created`).
+
+What must stay unguessable as a capability or a reference to cardholder data (vault tokens, card
+form sessions) uses `random_part`: 24 characters, ~143 bits, all random.
 
 The bytes are drawn from the OS 4 KiB at a time and handed out once each, as OpenSSL's and
 BoringSSL's generators draw from theirs: a payment makes about ten ids, and one `getrandom`
@@ -13,7 +25,9 @@ ever get the same bytes. Secrets (API keys) do not come from here: `secret_part`
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import NewType
@@ -95,8 +109,28 @@ def secret_part(length: int) -> str:
     return _base62(os.urandom, length)
 
 
+_TIME_LENGTH = 8  # 62**8 milliseconds: about 6 900 years from 1970
+
+
+# Ids of one millisecond share their prefix: computed once (the cache is C, and thread-safe).
+@functools.lru_cache(maxsize=2)
+def _time_prefix(ms: int) -> str:
+    """`ms` as 8 base62 characters, most significant first: they sort (bytewise: the alphabet is
+    in ASCII order) as the times do."""
+    digits = []
+    for _ in range(_TIME_LENGTH):
+        ms, digit = divmod(ms, 62)
+        digits.append(_ALPHABET[digit])
+    return "".join(reversed(digits))
+
+
+def ordered_part() -> str:
+    """24 characters for a stored object's id: the time in milliseconds, then 16 random."""
+    return _time_prefix(time.time_ns() // 1_000_000) + _base62(_draw, _LENGTH - _TIME_LENGTH)
+
+
 def new_id(kind: str) -> str:
-    return PREFIXES[kind] + random_part()
+    return PREFIXES[kind] + ordered_part()
 
 
 def has_prefix(value: str, kind: str) -> bool:

@@ -31,7 +31,7 @@ import httpx
 import structlog
 
 from strongroom.errors import ResourceMissing, StrongroomError
-from strongroom.ids import random_part
+from strongroom.ids import ordered_part
 from strongroom.redact import redact
 from strongroom.sensitive import Secret
 from strongroom.store.db import Database, utcnow
@@ -218,7 +218,7 @@ class Relay:
                     _INSERT_AUDIT,
                     {
                         "merchant_id": merchant_id,
-                        "id": "rly_" + random_part(),
+                        "id": "rly_" + ordered_part(),
                         "created": utcnow(),
                         "actor": actor,
                         "token": token,

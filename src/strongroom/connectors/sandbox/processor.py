@@ -37,7 +37,7 @@ from strongroom.connectors.base import (
 )
 from strongroom.connectors.sandbox import cards
 from strongroom.connectors.sandbox.tables import sandbox_charges, sandbox_operations
-from strongroom.ids import random_part
+from strongroom.ids import ordered_part
 from strongroom.store.db import Database, as_utc, insert_ignore, utcnow
 from strongroom.store.group import GroupCommit, Write
 
@@ -380,7 +380,7 @@ _REF_KINDS = {
 
 
 def _new_ref(kind: str) -> str:
-    return f"sbx_{kind}_{random_part()}"
+    return f"sbx_{kind}_{ordered_part()}"
 
 
 def _request_hash(request: Mapping[str, Any]) -> str:
