@@ -85,3 +85,86 @@ def test_0008_0009_up_and_down_keep_an_event_written_before_them(backend: str, t
             assert asyncio.run(_query(url, column_type)) == [("jsonb",)]
     finally:
         drop()
+
+
+_CLAIM = (
+    "INSERT INTO idempotency_keys (merchant_id, livemode, key, fingerprint, method, path, created, locked_at) "
+    "VALUES ('acct_1', false, :key, :fingerprint, 'POST', '/v1/payment_intents', CURRENT_TIMESTAMP, "
+    "CURRENT_TIMESTAMP)"
+)
+_STORE = (
+    "UPDATE idempotency_keys SET locked_at = NULL, resource_id = :resource, response_status = 200, "
+    "response_body = :body WHERE merchant_id = 'acct_1' AND livemode = false AND key = :key"
+)
+
+
+async def _claim_and_answer(url: str, batch: str, count: int) -> tuple[int, int]:
+    """`count` keys claimed, then each answered (a ~700-byte response) in its own transaction, as
+    requests do; the table's (updates, heap-only updates) meanwhile, from its statistics."""
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    counters = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'idempotency_keys'"
+    body = json.dumps({"id": "pi_1", "object": "payment_intent", "padding": "x" * 640}).encode()
+    try:
+        async with engine.connect() as conn:
+
+            async def read() -> tuple[int, int]:
+                await conn.execute(sa.text("SELECT pg_stat_force_next_flush()"))
+                await conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
+                upd, hot = (await conn.execute(sa.text(counters))).one()
+                return int(upd), int(hot)
+
+            before = await read()
+            keys = [f"{batch}-{n:04d}-retry-safe-key" for n in range(count)]
+            for key in keys:
+                await conn.execute(sa.text(_CLAIM), {"key": key, "fingerprint": bytes(32)})
+            for key in keys:
+                await conn.execute(sa.text(_STORE), {"key": key, "resource": "pi_1", "body": body})
+            after = await read()
+            return after[0] - before[0], after[1] - before[1]
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("backend", DATABASES)
+def test_0010_answers_to_idempotency_keys_are_heap_only_updates_on_postgres(backend: str, tmp_path: Path) -> None:
+    """Storing a key's response grows its row from ~150 bytes to ~1 KB. On full pages (before
+    0010) PostgreSQL moved most rows to another page and indexed them again; from 0010 pages are
+    filled to 15% at insert and every answer fits beside its row (a HOT update). SQLite has no
+    fillfactor: there 0010 changes nothing and keys still claim and answer."""
+    url, drop = _fresh(backend, tmp_path)
+    reloptions = "SELECT reloptions FROM pg_class WHERE relname = 'idempotency_keys'"
+    stored = "SELECT count(*) FROM idempotency_keys WHERE response_status = 200 AND locked_at IS NULL"
+    try:
+        upgrade(url, "0009")
+        if backend == "postgres":
+            updated, hot = asyncio.run(_claim_and_answer(url, "before", 300))
+            assert updated == 300 and hot < 100
+        upgrade(url)
+        if backend == "postgres":
+            assert asyncio.run(_query(url, reloptions)) == [(["fillfactor=15"],)]
+            assert asyncio.run(_claim_and_answer(url, "after", 300)) == (300, 300)
+            command.downgrade(alembic_config(url), "0009")
+            assert asyncio.run(_query(url, reloptions)) == [(None,)]
+        else:
+            asyncio.run(_claim_and_answer_sqlite(url, 20))
+            command.downgrade(alembic_config(url), "0009")
+        assert asyncio.run(_query(url, stored)) == [(600 if backend == "postgres" else 20,)]
+    finally:
+        drop()
+
+
+async def _claim_and_answer_sqlite(url: str, count: int) -> None:
+    body = b'{"id": "pi_1"}'
+    for n in range(count):
+        await _query_many(url, [(_CLAIM, {"key": f"k{n}", "fingerprint": bytes(32)})])
+        await _query_many(url, [(_STORE, {"key": f"k{n}", "resource": "pi_1", "body": body})])
+
+
+async def _query_many(url: str, statements: list[tuple[str, dict[str, object]]]) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            for statement, params in statements:
+                await conn.execute(sa.text(statement), params)
+    finally:
+        await engine.dispose()
