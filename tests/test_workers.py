@@ -6,6 +6,7 @@ the kernel sends somewhere is answered. Real processes, read from /proc."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -192,3 +193,71 @@ def test_sigttin_adds_a_worker_on_a_socket_of_its_own(two_workers: Served) -> No
     assert len(workers) == 3
     assert sorted(len(_socket_inodes(pid) & listening) for pid in workers) == [1, 1, 1]
     _answers_every_new_connection(two_workers)
+
+
+def test_sighup_replaces_every_worker_on_the_socket_it_served(two_workers: Served) -> None:
+    workers = _workers(two_workers)
+    listening = _tcp(two_workers.port)[0]
+    served = sorted(sorted(_socket_inodes(pid) & listening) for pid in workers)
+    os.kill(two_workers.proc.pid, signal.SIGHUP)
+
+    def replaced() -> bool:
+        now = _workers(two_workers)
+        return len(now) == 2 and not set(now) & set(workers)
+
+    _wait_for(replaced, 120, "both workers replaced", two_workers)
+    replacements = _workers(two_workers)
+    # The same two listening sockets, each now served by the replacement of its worker.
+    assert _tcp(two_workers.port)[0] == listening
+    assert sorted(sorted(_socket_inodes(pid) & listening) for pid in replacements) == served
+    _answers_every_new_connection(two_workers)
+
+
+class _Worker:
+    """A supervisor's worker process, as restart_all sees one: ready in time or not."""
+
+    def __init__(self, pid: int, ready: bool) -> None:
+        self.pid, self.ready = pid, ready
+        self.events: list[str] = []
+
+    def wait_until_ready(self, timeout: float, should_exit: object) -> bool:
+        return self.ready
+
+    def kill(self) -> None:
+        self.events.append("kill")
+
+    def terminate(self) -> None:
+        self.events.append("terminate")
+
+    def join(self) -> None:
+        self.events.append("join")
+
+
+def test_a_restart_whose_replacement_is_not_ready_keeps_the_old_workers_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from uvicorn.config import Config
+
+    from strongroom.workers import SocketPerWorker
+
+    sockets = reuseport_sockets("127.0.0.1", 0, 2)
+    try:
+        supervisor = SocketPerWorker(Config("strongroom.app:app", workers=2), sockets)
+        old = [_Worker(101, True), _Worker(102, True)]
+        new = iter([_Worker(201, True), _Worker(202, False)])
+        supervisor.processes = list(old)  # type: ignore[arg-type]
+        supervisor._worker = lambda index: next(new)  # type: ignore[assignment,method-assign]
+        # uvicorn's loggers do not propagate to the root logger that caplog listens on.
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        uvicorn_log.addHandler(caplog.handler)
+        try:
+            supervisor.restart_all()
+        finally:
+            uvicorn_log.removeHandler(caplog.handler)
+        # The first was replaced; the second's replacement was killed and the old one kept.
+        assert [p.pid for p in supervisor.processes] == [201, 102]  # type: ignore[attr-defined]
+        assert old[0].events == ["terminate", "join"] and old[1].events == []
+        assert "[202] was not ready in time; keeping worker [102]" in caplog.text
+    finally:
+        for sock in sockets:
+            sock.close()

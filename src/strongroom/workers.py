@@ -21,10 +21,13 @@ a program can read the server's keys and memory already. Run the server as its o
 
 from __future__ import annotations
 
+import logging
 import socket
 
 from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+logger = logging.getLogger("uvicorn.error")  # the supervisor's own log, as uvicorn's
 
 
 def reuseport_sockets(host: str, port: int, count: int) -> list[socket.socket]:
@@ -66,7 +69,9 @@ class SocketPerWorker(Multiprocess):
             self.processes.append(self._worker(index))
 
     def restart_all(self) -> None:
-        """As uvicorn's: each replacement serves before the worker it replaces is retired."""
+        """SIGHUP, as uvicorn's: each replacement serves (on the same socket) before the worker it
+        replaces is retired. One not ready in time is killed, and the restart stops there: the
+        workers not yet replaced keep serving, and the error is logged."""
         for index, old_process in enumerate(self.processes):
             if self.should_exit.is_set():
                 return
@@ -74,6 +79,12 @@ class SocketPerWorker(Multiprocess):
             if not new_process.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
                 new_process.kill()
                 new_process.join()
+                if not self.should_exit.is_set():
+                    logger.error(
+                        "New worker [%s] was not ready in time; keeping worker [%s] and aborting the restart.",
+                        new_process.pid,
+                        old_process.pid,
+                    )
                 return
             old_process.terminate()
             old_process.join()
