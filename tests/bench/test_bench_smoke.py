@@ -74,6 +74,11 @@ def test_wrk_generator_smoke_run_charges_exactly_once(database_url: str, tmp_pat
     assert result["trial_balance_problems"] == 0 and result["ledger_captures"] == result["succeeded_payments"]
     # warm-up and measured payments all reached the processor exactly once
     assert result["processor_charges"] == result["succeeded_payments"] >= result["succeeded"]
+    # Where the time went, a payment: the server's workers, PostgreSQL (on this machine, as in CI),
+    # wrk; the machine's busy time covers them all.
+    used = result["cpu_ms_per_payment"]
+    assert used["server"] > 0 and used["postgres"] > 0 and used["generator"] > 0
+    assert used["machine_busy"] >= 0.9 * (used["server"] + used["postgres"] + used["generator"])
     # The plot's data: payments per whole second of the run read back from the database (at
     # most wrk's count, give or take the requests in flight when it began), and wrk's latency
     # percentiles up to the maximum.

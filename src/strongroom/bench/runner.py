@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from strongroom.bench import load, report, wrk
+from strongroom.bench import cpu, load, report, wrk
 from strongroom.ledger import service as ledger_service
 from strongroom.payments.sandbox_aliases import ALIASES
 
@@ -76,7 +76,8 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(env: dict[str, str], workers: int, data_dir: Path) -> Iterator[str]:
+def server(env: dict[str, str], workers: int, data_dir: Path) -> Iterator[tuple[str, int]]:
+    """The server's URL and its process id, once it answers /readyz."""
     port = _free_port()
     log = (data_dir / "server.log").open("wb")
     cmd = [*_CLI, "serve", "--port", str(port), "--workers", str(workers), "--data-dir", str(data_dir)]
@@ -93,7 +94,7 @@ def server(env: dict[str, str], workers: int, data_dir: Path) -> Iterator[str]:
             time.sleep(0.2)
         else:
             raise RuntimeError("server did not become ready in 60 s")
-        yield url
+        yield url, proc.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -262,6 +263,7 @@ class Prepared:
     base_url: str = ""
     methods: tuple[str, ...] = ()
     checks: dict[str, int] | None = None
+    server_pid: int = 0
 
 
 @contextlib.contextmanager
@@ -276,8 +278,8 @@ def _prepared(config: BenchConfig) -> Iterator[Prepared]:
         _cli(["migrate", "--data-dir", str(data_dir)], env)
         merchant = json.loads(_cli(["merchants", "create", "Bench", "--json", "--data-dir", str(data_dir)], env))
         prepared = Prepared(url, merchant)
-        with server(env, config.workers, data_dir) as base_url:
-            prepared.base_url = base_url
+        with server(env, config.workers, data_dir) as (base_url, server_pid):
+            prepared.base_url, prepared.server_pid = base_url, server_pid
             prepared.methods = _payment_methods(base_url, merchant["secret_key"], config.payment_methods)
             _seed(prepared, config.seed_payments)
             yield prepared
@@ -289,13 +291,16 @@ def _run_wrk(config: BenchConfig) -> dict[str, Any]:
         key = prep.merchant["secret_key"]
         if config.warmup_s:
             wrk.run(prep.base_url, key, prep.methods, config.clients, config.warmup_s, "w" + secrets.token_hex(4))
-        started = time.time()
+        started, before = time.time(), cpu.snapshot(prep.server_pid) if cpu.available() else None
         figures = wrk.run(prep.base_url, key, prep.methods, config.clients, config.duration_s, secrets.token_hex(6))
+        succeeded = figures["requests"] - figures["non_2xx"]
+        used = cpu.per_payment(before, cpu.snapshot(prep.server_pid), succeeded) if before else {}
         timeline = asyncio.run(_per_second(prep.url, prep.merchant["id"], started, time.time()))
     checks = prep.checks or {}
     result = {**wrk.summarize(figures), **checks}
     result["processor_matches_ledger"] = _matches(checks)
     result["config"] = {"clients": config.clients, "workers": config.workers, "duration_s": config.duration_s}
+    result["cpu_ms_per_payment"] = used
     result["_samples"] = []
     # For the plot: wrk reports no per-request samples, so throughput over time is read from the
     # database afterwards (payments by the second they succeeded) and latency as wrk's percentiles.
