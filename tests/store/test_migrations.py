@@ -154,17 +154,6 @@ def test_0010_answers_to_idempotency_keys_are_heap_only_updates_on_postgres(back
 
 
 async def _claim_and_answer_sqlite(url: str, count: int) -> None:
-    body = b'{"id": "pi_1"}'
     for n in range(count):
-        await _query_many(url, [(_CLAIM, {"key": f"k{n}", "fingerprint": bytes(32)})])
-        await _query_many(url, [(_STORE, {"key": f"k{n}", "resource": "pi_1", "body": body})])
-
-
-async def _query_many(url: str, statements: list[tuple[str, dict[str, object]]]) -> None:
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            for statement, params in statements:
-                await conn.execute(sa.text(statement), params)
-    finally:
-        await engine.dispose()
+        await _query(url, _CLAIM, key=f"k{n}", fingerprint=bytes(32))
+        await _query(url, _STORE, key=f"k{n}", resource="pi_1", body=b'{"id": "pi_1"}')

@@ -27,44 +27,35 @@ def _ticks() -> float:
     return float(os.sysconf("SC_CLK_TCK"))
 
 
-def _cpu(pid: int) -> float:
-    """User + system CPU seconds of `pid`; 0 if it is gone."""
-    try:
-        fields = (_PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _ticks()
+@dataclass(frozen=True)
+class _Process:
+    name: str  # as /proc/<pid>/comm has it
+    parent: int
+    cpu_s: float  # user + system
 
 
-def _parents() -> dict[int, int]:
-    parents = {}
+def _processes() -> dict[int, _Process]:
+    """Every process now, from one read of its /proc/<pid>/stat (name, parent and CPU)."""
+    found = {}
     for entry in _PROC.iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-                continue
-    return parents
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile
+        name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 1 :].split()
+        found[int(entry.name)] = _Process(name, int(rest[1]), (int(rest[11]) + int(rest[12])) / _ticks())
+    return found
 
 
-def _tree(root: int, parents: dict[int, int]) -> set[int]:
+def _tree(root: int, processes: dict[int, _Process]) -> set[int]:
     tree, grew = {root}, True
     while grew:
-        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        more = {pid for pid, p in processes.items() if p.parent in tree} - tree
         grew = bool(more)
         tree |= more
     return tree
-
-
-def _named(name: str, pids: dict[int, int]) -> list[int]:
-    found = []
-    for pid in pids:
-        try:
-            if (_PROC / str(pid) / "comm").read_text().strip() == name:
-                found.append(pid)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return found
 
 
 def available() -> bool:
@@ -72,13 +63,13 @@ def available() -> bool:
 
 
 def snapshot(server_pid: int) -> Snapshot:
-    parents = _parents()
+    processes = _processes()
     fields = [int(v) for v in (_PROC / "stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return Snapshot(
-        server_s=sum(_cpu(pid) for pid in _tree(server_pid, parents)),
-        postgres_s={pid: _cpu(pid) for pid in _named("postgres", parents)},
+        server_s=sum(processes[pid].cpu_s for pid in _tree(server_pid, processes) if pid in processes),
+        postgres_s={pid: p.cpu_s for pid, p in processes.items() if p.name == "postgres"},
         generator_s=children.ru_utime + children.ru_stime,
         busy_s=(sum(fields) - idle) / _ticks(),
         idle_s=idle / _ticks(),
