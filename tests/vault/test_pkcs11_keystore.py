@@ -24,7 +24,7 @@ from strongroom.sensitive import Secret
 from strongroom.settings import Settings
 from strongroom.store.db import as_utc
 from strongroom.vault.keystore import DevelopmentKeystore, KeyMissing, VaultIntegrityError, open_keystore
-from strongroom.vault.pkcs11 import FINGERPRINT_LABEL, Pkcs11Keystore
+from strongroom.vault.pkcs11 import FINGERPRINT_LABEL, LIBRARY_LOCK, Pkcs11Keystore
 from strongroom.vault.service import aad
 from strongroom.vault.tables import vault_cards, vault_keks, vault_keys
 
@@ -204,3 +204,25 @@ def test_p7_a_kek_destroyed_by_another_session_is_missing_not_tampering(softhsm,
     finally:
         job.close()
         api.close()
+
+
+def test_a_session_the_hsm_dropped_is_opened_again_not_reported_as_tampering(softhsm, hsm_token, capfd):
+    """Seen once in CI: the api's session became unknown to the HSM while a rotation job's keystore
+    worked beside it, and every unwrap then failed as "wrapped_dek" tampering. A session the HSM
+    no longer knows (closed under the keystore, an HSM restart) is replaced, its handles looked up
+    again, and the operation runs once more; tampering is still caught afterwards."""
+    keystore = Pkcs11Keystore(softhsm.module, hsm_token, Secret(USER_PIN))
+    try:
+        keystore.create_kek(1)
+        dek, wrapped = keystore.new_dek(1)
+        assert keystore.unwrap(1, wrapped).reveal() == dek.reveal()  # the KEK handle is cached
+        with LIBRARY_LOCK:
+            keystore._session.close()  # dropped behind the keystore's back (and logged out)
+        assert keystore.unwrap(1, wrapped).reveal() == dek.reveal()
+        assert "vault.hsm_session_reopened" in capfd.readouterr().out
+        other, other_wrapped = keystore.new_dek(1)
+        assert keystore.unwrap(1, other_wrapped).reveal() == other.reveal()
+        with pytest.raises(VaultIntegrityError):
+            keystore.unwrap(1, wrapped[:-1] + bytes([wrapped[-1] ^ 1]))
+    finally:
+        keystore.close()

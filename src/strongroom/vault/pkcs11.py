@@ -21,6 +21,7 @@ the process, whatever keystore or session makes it, holds one process-wide lock.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 import pkcs11
 import structlog
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
-from pkcs11.exceptions import PKCS11Error, UserAlreadyLoggedIn
+from pkcs11.exceptions import PKCS11Error, SessionClosed, SessionHandleInvalid, UserAlreadyLoggedIn
 
 from strongroom.sensitive import Secret
 from strongroom.vault.keystore import DEK_BYTES, KeyMissing, VaultIntegrityError
@@ -40,6 +41,9 @@ T = TypeVar("T")
 # One per process, like the loaded library itself; anything else in the process that calls the
 # library (a test inspecting the token) takes it too.
 LIBRARY_LOCK = threading.RLock()
+
+# The HSM no longer knows the session (closed under us, or the HSM restarted): not a key's state.
+_SESSION_LOST = (SessionHandleInvalid, SessionClosed)
 
 KEK_LABEL = "strongroom-kek-v{version}"
 KEK_PREFIX = "strongroom-kek-v"
@@ -59,24 +63,41 @@ class Pkcs11Keystore:
     wrap_mechanism = "CKM_AES_KEY_WRAP_PAD (RFC 5649) in the HSM"
 
     def __init__(self, module: Path, token_label: str, pin: Secret[str]) -> None:
+        self._pin = pin  # to open a new session if the HSM drops this one
         with LIBRARY_LOCK:
             self._lib = pkcs11.lib(str(module))
             self._token = self._lib.get_token(token_label=token_label)
-            try:
-                self._session = self._token.open(rw=True, user_pin=pin.reveal())
-            except UserAlreadyLoggedIn:
-                # PKCS#11 logs in per application, not per session: another keystore in this
-                # process (the rotation job's, a CLI command's) already did; this session shares it.
-                self._session = self._token.open(rw=True)
+            self._session = self._open()
         self._closed = False
         # python-pkcs11 composes key classes from capability mixins at run time (wrap, unwrap,
         # sign); its static types do not show them, so handles are typed as Any here.
         self._keks: dict[int, Any] = {}
         self._fingerprint: Any = None
 
+    def _open(self) -> Any:
+        try:
+            return self._token.open(rw=True, user_pin=self._pin.reveal())
+        except UserAlreadyLoggedIn:
+            # PKCS#11 logs in per application, not per session: another keystore in this
+            # process (the rotation job's, a CLI command's) already did; this session shares it.
+            return self._token.open(rw=True)
+
     def _locked(self, fn: Callable[[], T]) -> T:
+        """`fn` under the library lock. If the HSM no longer knows this keystore's session, a new
+        one is opened (handles looked up again) and `fn` runs once more: a lost session is not a
+        missing key nor tampering (seen once in CI as a spurious "wrapped_dek" integrity alarm
+        while a rotation job's keystore worked beside the api's)."""
         with LIBRARY_LOCK:
-            return fn()
+            try:
+                return fn()
+            except _SESSION_LOST:
+                if self._closed:
+                    raise
+                log.warning("vault.hsm_session_reopened", keystore=self.name)
+                self._keks.clear()
+                self._fingerprint = None
+                self._session = self._open()
+                return fn()
 
     def _find(self, label: str) -> list[Any]:
         found = self._session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})
@@ -184,6 +205,8 @@ class Pkcs11Keystore:
         def unwrap() -> Secret[bytes]:
             try:
                 obj = attempt()
+            except _SESSION_LOST:
+                raise  # the session, not the key: _locked opens a new one
             except PKCS11Error:
                 # The KEK's handle is cached; another session (a rotation job's keystore) that
                 # created or destroyed token objects can leave it invalid in this one. Look the
@@ -192,6 +215,8 @@ class Pkcs11Keystore:
                 self._keks.pop(kek_version, None)
                 try:
                     obj = attempt()
+                except _SESSION_LOST:
+                    raise
                 except PKCS11Error:
                     # RFC 5649's integrity check failed (SoftHSM2 reports CKR_GENERAL_ERROR or
                     # CKR_WRAPPED_KEY_INVALID): a modified wrapped key, or one wrapped by another KEK.
@@ -233,14 +258,13 @@ class Pkcs11Keystore:
         return self._locked(derive)
 
     def close(self) -> None:
-        def close() -> None:
+        with LIBRARY_LOCK:
             self._keks.clear()
             self._fingerprint = None
             if not self._closed:
                 self._closed = True
-                self._session.close()
-
-        self._locked(close)
+                with contextlib.suppress(*_SESSION_LOST):  # gone already: nothing to close
+                    self._session.close()
 
 
 def _random_id(session: pkcs11.Session) -> bytes:
