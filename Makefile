@@ -22,6 +22,7 @@ serve: $(BIN)/.installed
 	$(BIN)/strongroom serve
 
 test: $(BIN)/.installed
+	bash scripts/system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/test
 
 # Re-pin dependencies (hashes, no index URLs recorded).
