@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from strongroom.bench import generator as bench_generator
 from strongroom.bench import report, runner
 
 
@@ -25,14 +26,27 @@ def bench(
     pgbench: Annotated[bool, typer.Option(help="Measure pgbench TPC-B in the same run")] = True,
     surge: Annotated[float, typer.Option(help="Also run an open-loop surge at this x the measured rate")] = 0.0,
     surge_duration: Annotated[float, typer.Option(help="Seconds of surge")] = 30.0,
-    generator: Annotated[str, typer.Option(help="Load generator: httpx (Python) or wrk (C, lighter)")] = "httpx",
+    generator: Annotated[
+        str, typer.Option(help="Load generator: auto (wrk when on PATH, else python), wrk (C, lightest) or python")
+    ] = "auto",
+    generator_processes: Annotated[
+        int, typer.Option(help="The Python generator's processes (0: a quarter of the cores, at least 1)")
+    ] = 0,
     scaling: Annotated[bool, typer.Option(help="Also measure 1/2/4 workers x 8/32/128 clients")] = False,
     half_load: Annotated[
         bool, typer.Option(help="Also measure latency open-loop at half the measured rate (the p99 target's point)")
     ] = False,
 ) -> None:
     """Payments per second and latency against PostgreSQL's own ceiling (pgbench TPC-B)."""
-    config = runner.BenchConfig(database_url, clients, duration, warmup, workers, generator=generator)
+    if plot_out is not None:
+        report.require_plotting()  # before the run, not after it
+    try:
+        chosen = bench_generator.resolve(generator)
+    except (ValueError, bench_generator.GeneratorUnavailable) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--generator") from exc
+    config = runner.BenchConfig(
+        database_url, clients, duration, warmup, workers, generator=chosen, generator_processes=generator_processes
+    )
     result = runner.run(config)
     samples = result.pop("_samples")
     wrk_plot = result.pop("_wrk_plot", None)
@@ -43,9 +57,13 @@ def bench(
         result["surge"] = runner.surge(config, result["payments_per_s"], factor=surge, surge_s=surge_duration)
     if half_load:
         result["half_load"] = _half_load(config, result["payments_per_s"])
+        result["warnings"] += [f"half load: {w}" for w in result["half_load"].pop("warnings")]
     if scaling:
         result["scaling"] = _scaling(config)
+        result["warnings"] += [w for row in result["scaling"] for w in row.pop("warnings")]
     _emit(result, json_out)
+    for warning in result["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
     if plot_out is not None and samples:
         report.plot(samples, plot_out, f"{workers} workers, {clients} clients")
     elif plot_out is not None and wrk_plot is not None:
@@ -68,15 +86,12 @@ def _half_load(config: runner.BenchConfig, max_per_s: float) -> dict[str, Any]:
     """Arrivals on a fixed schedule at half the closed-loop rate (the Python generator: wrk has no
     fixed-rate mode), so latency is measured where the server is not saturated."""
     rate = max_per_s / 2
-    one = runner.run(dataclasses.replace(config, generator="httpx"), rate_per_s=rate)
-    return {
-        "offered_per_s": round(rate, 1),
-        "payments_per_s": one["payments_per_s"],
-        "latency_ms": one["latency_ms"],
-        "errors": one["errors"],
-        "double_charges": one["double_charges"],
-        "processor_matches_ledger": one["processor_matches_ledger"],
-    }
+    one = runner.run(dataclasses.replace(config, generator="python"), rate_per_s=rate)
+    keep = (
+        *("payments_per_s", "latency_ms", "errors", "double_charges", "processor_matches_ledger"),
+        *("generator", "generator_cpu", "warnings"),
+    )
+    return {"offered_per_s": round(rate, 1), **{name: one[name] for name in keep}}
 
 
 def _scaling(config: runner.BenchConfig) -> list[dict[str, Any]]:
@@ -91,6 +106,8 @@ def _scaling(config: runner.BenchConfig) -> list[dict[str, Any]]:
                     "payments_per_s": one["payments_per_s"],
                     "p99_ms": one["latency_ms"]["p99"],
                     "errors": one["errors"],
+                    "generator_cores": one["generator_cpu"]["cores"],
+                    "warnings": [f"{workers} workers, {clients} clients: {w}" for w in one["warnings"]],
                 }
             )
     return rows

@@ -1,5 +1,11 @@
-"""The load generator: runs in its own process so that it never competes with the server's event
-loop, and reports one sample per request (finish time, latency, outcome)."""
+"""The Python load generator: runs in processes of its own so that it never competes with the
+server's event loop, and reports one sample per request (finish time, latency, outcome) and the
+CPU it spent in the measured window.
+
+Requests go over raw asyncio streams with keep-alive, not through a general HTTP client: this
+generator shares the machine with the server, and every millisecond of its CPU is one the server
+does not get (a general client such as httpx costs several times more a request, and queues
+requests inside its connection pool)."""
 
 from __future__ import annotations
 
@@ -8,8 +14,9 @@ import gc
 import time
 import uuid
 from dataclasses import dataclass
+from threading import Barrier
+from urllib.parse import urlsplit
 
-import httpx
 import uvloop
 
 
@@ -24,6 +31,7 @@ class LoadSpec:
     # Open loop: requests started at this rate whatever the answers (surge); 0 = closed loop.
     rate_per_s: float = 0.0
     request_timeout_s: float = 30.0
+    first_n: int = 0  # this process's first request number (payment methods are taken in turn)
 
 
 @dataclass(frozen=True)
@@ -34,47 +42,30 @@ class Sample:
     retry_after: bool
 
 
-def _outcome(response: httpx.Response) -> str:
-    return "ok" if response.status_code == 200 else f"http_{response.status_code}"
+@dataclass(frozen=True)
+class LoadResult:
+    samples: list[Sample]
+    cpu_s: float  # this process's CPU (user + system) in the measured window
 
 
-async def _one(client: httpx.AsyncClient, spec: LoadSpec, n: int, t0: float) -> Sample:
-    data = {
-        "amount": "2000",
-        "currency": "usd",
-        "payment_method": spec.payment_methods[n % len(spec.payment_methods)],
-        "confirm": "true",
-    }
-    started = time.perf_counter()
-    try:
-        response = await client.post("/v1/payment_intents", data=data, headers={"Idempotency-Key": str(uuid.uuid4())})
-        outcome, retry_after = _outcome(response), "retry-after" in response.headers
-    except httpx.TimeoutException:
-        outcome, retry_after = "timeout", False
-    except httpx.HTTPError as exc:
-        outcome, retry_after = f"error:{type(exc).__name__}", False
-    ended = time.perf_counter()
-    return Sample(ended - t0, (ended - started) * 1000, outcome, retry_after)
-
-
-async def _closed_loop(spec: LoadSpec) -> list[Sample]:
-    limits = httpx.Limits(max_connections=spec.clients, max_keepalive_connections=spec.clients)
-    headers = {"Authorization": f"Bearer {spec.secret_key}"}
-    timeout = httpx.Timeout(spec.request_timeout_s)
+async def _closed_loop(spec: LoadSpec, t0: float) -> list[Sample]:
+    """Each client sends its next request when the last one is answered, until the deadline."""
+    http = _Connections(spec.base_url, spec.secret_key)
     samples: list[Sample] = []
-    t0 = time.perf_counter() + spec.warmup_s
     deadline = t0 + spec.duration_s
-    async with httpx.AsyncClient(base_url=spec.base_url, headers=headers, limits=limits, timeout=timeout) as client:
 
-        async def worker(w: int) -> None:
-            n = w
-            while time.perf_counter() < deadline:
-                sample = await _one(client, spec, n, t0)
-                if sample.finished_s >= 0:
-                    samples.append(sample)
-                n += spec.clients
+    async def worker(w: int) -> None:
+        n = spec.first_n + w
+        while time.perf_counter() < deadline:
+            sample = await _one_raw(http, spec, n, t0)
+            if sample.finished_s >= 0:
+                samples.append(sample)
+            n += spec.clients
 
+    try:
         await asyncio.gather(*(worker(w) for w in range(spec.clients)))
+    finally:
+        http.close()
     return samples
 
 
@@ -82,15 +73,12 @@ OPEN_LOOP_OUTSTANDING_MAX = 1024
 
 
 class _Connections:
-    """A minimal HTTP/1.1 client for the open loop, over asyncio streams: keep-alive connections
-    taken from an idle list (a new one when none is idle), one request at a time on each. httpx
-    cost about a millisecond of CPU per request on the same 2 cores as the server and queued
-    arrivals inside its connection pools: at 50 arrivals a second its p99 was 98 ms, most of it the
-    generator's own."""
+    """A minimal HTTP/1.1 client over asyncio streams: keep-alive connections taken from an idle
+    list (a new one when none is idle), one request at a time on each."""
 
     def __init__(self, base_url: str, secret_key: str) -> None:
-        url = httpx.URL(base_url)
-        self._host, self._port = url.host, url.port or 80
+        url = urlsplit(base_url)
+        self._host, self._port = url.hostname or "127.0.0.1", url.port or 80
         self._head = (
             f"Host: {self._host}:{self._port}\r\nAuthorization: Bearer {secret_key}\r\n"
             "Content-Type: application/x-www-form-urlencoded\r\n"
@@ -149,15 +137,14 @@ async def _one_raw(http: _Connections, spec: LoadSpec, n: int, t0: float) -> Sam
     return Sample(ended - t0, (ended - started) * 1000, outcome, retry_after)
 
 
-async def _open_loop(spec: LoadSpec) -> list[Sample]:
+async def _open_loop(spec: LoadSpec, t0: float) -> list[Sample]:
     """Arrivals on a fixed schedule whatever the answers. At most OPEN_LOOP_OUTSTANDING_MAX requests
     are in flight; an arrival beyond that is recorded as `not_sent` (the generator's limit, reported
     separately, never counted as the server's)."""
     http = _Connections(spec.base_url, spec.secret_key)
     samples: list[Sample] = []
     outstanding = 0
-    start = time.perf_counter()
-    t0 = start + spec.warmup_s
+    start = t0 - spec.warmup_s
     # Arrivals during the warm-up open the connections and are not recorded.
     warmup_arrivals = int(spec.rate_per_s * spec.warmup_s)
 
@@ -188,17 +175,42 @@ async def _open_loop(spec: LoadSpec) -> list[Sample]:
     return samples
 
 
-# The generator's own collector pauses every request in flight, and the pause is counted as the
-# server's latency. With the defaults, a 20 s open loop at 850/s saw two full collections in the
-# generator (95 and 70 ms, over its growing list of samples): p99 36.7 ms, max 151 ms; with the
-# objects alive at start frozen and collections rarer (as the server does, app.py), none ran: p99
-# 28.1 ms, max 51 ms.
+# The generator's own collector pauses every request in flight, and the pause would be counted as
+# the server's latency: full collections over the growing list of samples took tens of
+# milliseconds. So, as the server does (app.py), objects alive at start are frozen and collections
+# are rare (figures in docs/performance.md).
 _GC_THRESHOLDS = (20_000, 50, 100)
 
 
-def run(spec: LoadSpec) -> list[Sample]:
-    """Entry point of the load-generator process. On uvloop, as the server: the generator shares
-    the server's 2 cores, and asyncio's own loop cost it about a third more CPU per request."""
+# Set once per process by `init` (a process pool's initializer): the barrier and its timeout.
+_ready: list[tuple[Barrier, float]] = []
+
+
+def init(ready: Barrier, timeout_s: float) -> None:
+    """Process initializer: `run` waits at `ready` so that every generator process starts its
+    warm-up together, and the parent knows when the measured window opens."""
+    _ready[:] = [(ready, timeout_s)]
+
+
+async def _window_cpu_s(t0: float, duration_s: float) -> float:
+    await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
+    start = time.process_time()
+    await asyncio.sleep(max(0.0, t0 + duration_s - time.perf_counter()))
+    return time.process_time() - start
+
+
+async def _main(spec: LoadSpec) -> LoadResult:
+    t0 = time.perf_counter() + spec.warmup_s
+    window = asyncio.create_task(_window_cpu_s(t0, spec.duration_s))
+    samples = await (_open_loop(spec, t0) if spec.rate_per_s else _closed_loop(spec, t0))
+    return LoadResult(samples, await window)
+
+
+def run(spec: LoadSpec) -> LoadResult:
+    """Entry point of a load-generator process. On uvloop, as the server: asyncio's own loop costs
+    the generator noticeably more CPU per request, CPU the server then lacks."""
     gc.freeze()
     gc.set_threshold(*_GC_THRESHOLDS)
-    return uvloop.run(_open_loop(spec) if spec.rate_per_s else _closed_loop(spec))
+    for barrier, timeout_s in _ready:
+        barrier.wait(timeout=timeout_s)
+    return uvloop.run(_main(spec))

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from strongroom import extras
 from strongroom.bench.load import Sample
 
 
@@ -45,9 +46,13 @@ def per_second(samples: list[Sample]) -> list[int]:
     return buckets
 
 
-def plot(samples: list[Sample], path: Path, title: str) -> None:
-    import matplotlib
+def require_plotting() -> Any:
+    """matplotlib, or an error naming the extra that installs it."""
+    return extras.require("matplotlib", extra="bench", feature="strongroom bench --plot")
 
+
+def plot(samples: list[Sample], path: Path, title: str) -> None:
+    matplotlib = require_plotting()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -72,8 +77,7 @@ def plot(samples: list[Sample], path: Path, title: str) -> None:
 def plot_wrk(per_second_ok: list[int], latency_cdf_us: list[list[float]], path: Path, title: str) -> None:
     """`plot` for a wrk run: throughput per second (from the database) and the latency
     distribution as wrk's percentiles (it keeps no per-request samples)."""
-    import matplotlib
-
+    matplotlib = require_plotting()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

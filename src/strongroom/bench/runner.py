@@ -6,11 +6,9 @@ no payment authorized twice)."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 import re
 import secrets
@@ -30,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from strongroom.bench import cpu, load, report, wrk
+from strongroom.bench import cpu, generator, load, report, wrk
 from strongroom.ledger import service as ledger_service
 from strongroom.payments.sandbox_aliases import ALIASES
 
@@ -46,7 +44,8 @@ class BenchConfig:
     workers: int = 2
     payment_methods: int = 64
     pgbench: bool = True
-    generator: str = "httpx"  # or "wrk" (lighter: leaves more CPU to the server)
+    generator: str = "auto"  # "wrk" when on PATH, else "python" (see generator.resolve)
+    generator_processes: int = 0  # the Python generator's; 0: generator.default_processes
     seed_payments: int = 500  # made before ANALYZE and the measured phases (see _seed)
     data_dir: Path = Path("benchmarks/out")
 
@@ -151,13 +150,6 @@ def _seed(prep: Prepared, count: int) -> None:
     asyncio.run(_admin(prep.url, "ANALYZE"))
 
 
-def run_load(spec: load.LoadSpec) -> list[load.Sample]:
-    """The load generator in a separate process (spawned: no state shared with this one)."""
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(load.run, spec).result(timeout=spec.warmup_s + spec.duration_s + 300)
-
-
 def pgbench_tps(admin_url: str, clients: int, duration_s: float) -> float:
     """TPC-B-like built-in script, same server, same client count, in a database of its own."""
     with fresh_database(admin_url, "strongroom_pgbench") as url:
@@ -244,16 +236,24 @@ class Phase:
 
 
 def run(config: BenchConfig, *, rate_per_s: float = 0.0) -> dict[str, Any]:
-    """The standard measurement: one closed-loop phase after a warm-up."""
-    if config.generator == "wrk":
+    """The standard measurement: one closed-loop phase after a warm-up (or an open loop at
+    `rate_per_s`, always the Python generator's: wrk has no fixed-rate mode)."""
+    if generator.resolve(config.generator) == "wrk" and not rate_per_s:
         return _run_wrk(config)
     phase = Phase(config.duration_s, config.clients, rate_per_s, config.warmup_s)
     result = run_phases(config, [phase])
-    samples = result.pop("_phases")[0]
-    result.update(report.summarize(samples, config.duration_s))
+    one: generator.LoadRun = result.pop("_phases")[0]
+    result.update(report.summarize(one.samples, config.duration_s))
     result["config"] = {"clients": config.clients, "workers": config.workers, "duration_s": config.duration_s}
-    result["_samples"] = samples
+    result["cpu_ms_per_payment"] = one.used
+    result.update(generator.assess("python", one.processes, one.cpu_s, config.duration_s, one.used))
+    result["generator_cpu"]["processes"] = one.processes
+    result["_samples"] = one.samples
     return result
+
+
+def _processes(config: BenchConfig) -> int:
+    return config.generator_processes or generator.default_processes(config.clients)
 
 
 @dataclass
@@ -292,7 +292,9 @@ def _run_wrk(config: BenchConfig) -> dict[str, Any]:
         if config.warmup_s:
             wrk.run(prep.base_url, key, prep.methods, config.clients, config.warmup_s, "w" + secrets.token_hex(4))
         started, before = time.time(), cpu.snapshot(prep.server_pid) if cpu.available() else None
+        generator_before = generator.children_cpu_s()
         figures = wrk.run(prep.base_url, key, prep.methods, config.clients, config.duration_s, secrets.token_hex(6))
+        generator_s = generator.children_cpu_s() - generator_before
         succeeded = figures["requests"] - figures["non_2xx"]
         used = cpu.per_payment(before, cpu.snapshot(prep.server_pid), succeeded) if before else {}
         timeline = asyncio.run(_per_second(prep.url, prep.merchant["id"], started, time.time()))
@@ -301,6 +303,7 @@ def _run_wrk(config: BenchConfig) -> dict[str, Any]:
     result["processor_matches_ledger"] = _matches(checks)
     result["config"] = {"clients": config.clients, "workers": config.workers, "duration_s": config.duration_s}
     result["cpu_ms_per_payment"] = used
+    result.update(generator.assess("wrk", wrk.THREADS, generator_s, figures["duration_us"] / 1e6, used))
     result["_samples"] = []
     # For the plot: wrk reports no per-request samples, so throughput over time is read from the
     # database afterwards (payments by the second they succeeded) and latency as wrk's percentiles.
@@ -341,7 +344,7 @@ def run_phases(config: BenchConfig, phases: list[Phase]) -> dict[str, Any]:
             spec = load.LoadSpec(
                 prep.base_url, key, prep.methods, ph.clients, ph.warmup_s, ph.duration_s, ph.rate_per_s
             )
-            results.append(run_load(spec))
+            results.append(generator.run_python(spec, _processes(config), prep.server_pid))
     checks = prep.checks or {}
     return {
         **checks,
@@ -355,8 +358,8 @@ def surge(
 ) -> dict[str, Any]:
     """Open loop at `factor` x the sustainable rate, then a closed-loop phase to show recovery.
     With the wrk generator, the closed loops before and after are wrk's (the Python closed loop
-    tops out far below the server: 300/s against wrk's 1400/s), the surge the Python open loop."""
-    if config.generator == "wrk":
+    tops out below wrk's), the surge the Python open loop."""
+    if generator.resolve(config.generator) == "wrk":
         return _surge_wrk(config, sustainable_per_s, factor=factor, surge_s=surge_s)
     phases = [
         Phase(config.duration_s / 2, config.clients, warmup_s=config.warmup_s),
@@ -364,7 +367,7 @@ def surge(
         Phase(config.duration_s / 2, config.clients),
     ]
     result = run_phases(config, phases)
-    before, during, after = result.pop("_phases")
+    before, during, after = (one.samples for one in result.pop("_phases"))
     result.update(
         {
             "offered_per_s": round(sustainable_per_s * factor, 1),
@@ -394,7 +397,7 @@ def _surge_wrk(config: BenchConfig, sustainable_per_s: float, *, factor: float, 
         wrk.run(prep.base_url, key, prep.methods, config.clients, config.warmup_s, "w" + secrets.token_hex(4))
         before = wrk.run(prep.base_url, key, prep.methods, config.clients, half, "b" + secrets.token_hex(4))
         spec = load.LoadSpec(prep.base_url, key, prep.methods, 512, 0.0, surge_s, rate)
-        during = run_load(spec)
+        during = generator.run_python(spec, 1).samples
         after = wrk.run(prep.base_url, key, prep.methods, config.clients, half, "a" + secrets.token_hex(4))
     checks = prep.checks or {}
     return {

@@ -57,6 +57,9 @@ end
 _CDF_POINTS = [*range(1, 100), 99.5, 99.9, 99.99, 100]
 
 
+THREADS = 2  # wrk's threads: the cores it can use at most
+
+
 def available() -> bool:
     return shutil.which("wrk") is not None
 
@@ -75,7 +78,7 @@ def run(
         path.write_text(script)
         cmd = [
             shutil.which("wrk") or "wrk",
-            "-t2",
+            f"-t{THREADS}",
             f"-c{clients}",
             f"-d{max(1, round(duration_s))}s",
             "--timeout",
