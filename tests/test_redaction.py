@@ -12,22 +12,31 @@ import json
 import logging
 import re
 import socket
+import string
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from strongroom.redact import RedactingFilter, luhn_valid, redact, redact_value
+from strongroom.redact import RedactingFilter, holds_pan, luhn_valid, redact, redact_value
 from tests.e2e.conftest import _cli, _environment, _free_port, _stop, _wait_healthy
 
-SEPARATORS = ("", " ", "-")
+# Between digit groups: nothing, or a run of whitespace, dashes, dots or underscores.
+SEPARATORS = ("", " ", "-", ".", "_", "\t", "  ", "--", " - ")
+# Real issuer prefixes and lengths of the brands (ISO/IEC 7812 registry, brands' published ranges).
+BRAND_PREFIXES = (
+    ("4", 16), ("4", 19), ("51", 16), ("55", 16), ("2221", 16), ("2720", 16), ("34", 15), ("37", 15),
+    ("6011", 16), ("6011", 19), ("644", 16), ("65", 16), ("622126", 16), ("3528", 16), ("3589", 19),
+    ("300", 14), ("36", 14), ("38", 16), ("62", 19), ("50", 16), ("6759", 18), ("2200", 16),
+)  # fmt: skip
 # Stripe's test cards in the ways people write them (16-digit Visa, 15-digit Amex, 14-digit Diners).
 VISA = "4242424242424242"
 VISA_DEBIT_SPACED = "4000 0566 5566 5556"
@@ -39,7 +48,7 @@ PANS = (VISA, VISA_DEBIT_SPACED, AMEX_DASHED, DINERS)
 def surviving(pan: str, text: str) -> bool:
     """Whether the PAN's digits occur in `text` in order, with at most a separator between them."""
     digits = re.sub(r"\D", "", pan)
-    return re.search("[ -]?".join(digits), text) is not None
+    return re.search(r"[\s._\-]{0,3}".join(digits), text) is not None
 
 
 def with_check_digit(body: str) -> str:
@@ -48,21 +57,23 @@ def with_check_digit(body: str) -> str:
 
 @st.composite
 def pans(draw: st.DrawFn) -> str:
-    length = draw(st.integers(13, 19))
-    body = draw(st.text("0123456789", min_size=length - 1, max_size=length - 1))
-    return with_check_digit(body)
+    prefix, length = draw(st.sampled_from(BRAND_PREFIXES))
+    body = draw(st.text("0123456789", min_size=length - 1 - len(prefix), max_size=length - 1 - len(prefix)))
+    return with_check_digit(prefix + body)
 
 
 @st.composite
 def written(draw: st.DrawFn, digits: str) -> str:
-    """`digits` as someone may write them: any single space or dash between any two digits."""
+    """`digits` as someone may write them: any separator (or none) between any two digits."""
     gaps = draw(st.lists(st.sampled_from(SEPARATORS), min_size=len(digits) - 1, max_size=len(digits) - 1))
     return digits[0] + "".join(gap + digit for gap, digit in zip(gaps, digits[1:], strict=True))
 
 
-# Arbitrary text around the number, except a digit touching it: that would make it another number.
-prefixes = st.text().filter(lambda text: not text[-1:].isdecimal())
-suffixes = st.text().filter(lambda text: not text[:1].isdecimal())
+# Arbitrary text around the number, except a digit touching it (that would make it another
+# number) or a hex digit (that could make it part of a long hex string, a digest).
+_HEX = frozenset(string.hexdigits)
+prefixes = st.text().filter(lambda text: not text[-1:].isdecimal() and text[-1:] not in _HEX)
+suffixes = st.text().filter(lambda text: not text[:1].isdecimal() and text[:1] not in _HEX)
 
 
 @given(data=st.data(), prefix=prefixes, suffix=suffixes)
@@ -119,6 +130,41 @@ def test_redaction_is_idempotent_and_length_preserving(text: str) -> None:
     once = redact(text)
     assert redact(once) == once
     assert len(once) == len(text)
+
+
+@pytest.mark.parametrize("separator", SEPARATORS)
+def test_p2_pan_with_any_separator_is_masked(separator: str) -> None:
+    """Dots, underscores, tabs and runs such as a double space or "--" were left readable."""
+    written_ = separator.join(("4242", "4242", "4242", "4242"))
+    out = redact(f"card {written_}.")
+    assert out == f"card {separator.join(('4242', '42**', '****', '4242'))}.", out
+    assert holds_pan(written_)
+
+
+@given(text=st.text())
+def test_p2_one_detector_for_masking_and_refusal(text: str) -> None:
+    """What the parameter check refuses is exactly what redaction masks (strongroom.api.body)."""
+    assert holds_pan(text) == (redact(text) != text)
+
+
+def test_uuids_and_hex_strings_are_not_card_numbers_but_a_pan_glued_to_a_word_is() -> None:
+    assert not holds_pan("42424242-4242-4242-8242-424242424242")  # a UUID
+    assert not holds_pan("deadbeef4242424242424242")  # 24 hex characters: a digest
+    assert holds_pan("abc4242424242424242")  # too short a word to be a random hex string
+    assert holds_pan("order-4242424242424242") and holds_pan("card4242424242424242xyz")
+
+
+@pytest.mark.parametrize("separator", [".", "_", "\t", "  ", "--", "-", " ", ""])
+async def test_p2_pan_in_url_path_is_masked_in_the_404_whatever_its_separators(
+    api: httpx.AsyncClient, separator: str
+) -> None:
+    """GET /v1/customers/4242.4242.4242.4242 echoed the number in its 404 message."""
+    pan = separator.join(("4242", "4242", "4242", "4242"))
+    response = await api.get(f"/v1/customers/{quote(pan)}")  # a tab as %09, spaces as %20
+    assert response.status_code == 404, response.text
+    masked = separator.join(("4242", "42**", "****", "4242"))
+    assert response.json()["error"]["message"] == f"No such customer: '{masked}'"
+    assert not surviving(pan, response.text)
 
 
 def test_known_numbers_and_their_masks() -> None:
@@ -268,9 +314,10 @@ def test_p2_pan_masked_in_logs_and_error_responses(debug_server: LoggingServer) 
     bodies.append(raw.decode(errors="replace"))
 
     # The echoes are there, masked: the error responses really did quote the input.
-    assert bad_parameter.json()["error"]["message"] == "Invalid amount: Invalid integer: 424242******4242"
+    # A card number in a parameter is refused by name before any parsing (PCI DSS 3.4.1, 3.5.1).
+    assert bad_parameter.json()["error"]["param"] == "amount"
     assert unknown_name.json()["error"]["param"] == "n3782-82****-*0005"
-    assert "400005******5556" in query.json()["error"]["message"]
+    assert query.json()["error"]["param"] == "limit"
     assert path_id.json()["error"]["message"] == "No such payment_intent: 'pi_424242******4242'"
     assert "**********1667" in unknown_url.json()["error"]["message"]
     for pan in PANS:

@@ -209,7 +209,9 @@ def _crash_mid_payment(dep: Deployment, key: str) -> float:
     assert dep.authorizations() == 1
     assert dep.authorize_operations() == 1
     intent_id = dep.scalar(
-        "SELECT resource_id FROM idempotency_keys WHERE merchant_id = :m AND key = :k", m=dep.merchant_id, k=key
+        # The key is stored only as its HMAC: the merchant's newest key is this request's.
+        "SELECT resource_id FROM idempotency_keys WHERE merchant_id = :m ORDER BY created DESC LIMIT 1",
+        m=dep.merchant_id,
     )
     assert intent_id is not None, "the recovery point was committed before the processor call"
     status = dep.scalar(
@@ -218,7 +220,8 @@ def _crash_mid_payment(dep: Deployment, key: str) -> float:
     assert status == "processing"
     assert (
         dep.scalar(
-            "SELECT response_status FROM idempotency_keys WHERE merchant_id = :m AND key = :k", m=dep.merchant_id, k=key
+            "SELECT response_status FROM idempotency_keys WHERE merchant_id = :m ORDER BY created DESC LIMIT 1",
+            m=dep.merchant_id,
         )
         is None
     )

@@ -72,9 +72,19 @@ def principal_of(merchant: Merchant, livemode: bool = False) -> Principal:
     return Principal(merchant_id=merchant.id, livemode=livemode, key_id="test")
 
 
+def scoped_key(services: Services, principal: Principal, key: str) -> idempotency.Key:
+    """The key as the API stores it (its HMAC), for calls into the service."""
+    return idempotency.scoped(services.hasher, principal.merchant_id, principal.livemode, key)
+
+
+def stored_digest(services: Services, merchant_id: str, key: str) -> bytes:
+    return idempotency.scoped(services.hasher, merchant_id, False, key).digest
+
+
 async def key_row(services: Services, merchant_id: str, key: str) -> Any:
     query = sa.select(idempotency_keys).where(
-        idempotency_keys.c.merchant_id == merchant_id, idempotency_keys.c.key == key
+        idempotency_keys.c.merchant_id == merchant_id,
+        idempotency_keys.c.key_hash == stored_digest(services, merchant_id, key),
     )
     async with services.db.read() as conn:
         return (await conn.execute(query)).first()
@@ -87,7 +97,10 @@ async def backdate_key(services: Services, merchant_id: str, key: str, **ages_s:
     async with services.db.tx() as conn:
         updated = await conn.execute(
             idempotency_keys.update()
-            .where(idempotency_keys.c.merchant_id == merchant_id, idempotency_keys.c.key == key)
+            .where(
+                idempotency_keys.c.merchant_id == merchant_id,
+                idempotency_keys.c.key_hash == stored_digest(services, merchant_id, key),
+            )
             .values(**values)
         )
     assert updated.rowcount == 1
@@ -233,7 +246,7 @@ async def test_i1_concurrent_request_in_flight_gets_409_with_retry_after(
     held = await idempotency.claim(
         services.db,
         principal_of(merchant),
-        key,
+        scoped_key(services, principal_of(merchant), key),
         "POST",
         "/v1/customers",
         _form(data),
@@ -274,7 +287,7 @@ async def test_i1_in_flight_holder_response_is_what_retries_replay(
     held = await idempotency.claim(
         services.db,
         principal_of(merchant),
-        key,
+        scoped_key(services, principal_of(merchant), key),
         "POST",
         "/v1/customers",
         _form(data),
@@ -396,7 +409,7 @@ async def test_i2_purge_expired_removes_old_rows_in_bounded_batches(
     claimed = await idempotency.claim(
         services.db,
         principal_of(merchant),
-        dead,
+        scoped_key(services, principal_of(merchant), dead),
         "POST",
         "/v1/customers",
         data,
@@ -410,7 +423,7 @@ async def test_i2_purge_expired_removes_old_rows_in_bounded_batches(
     claimed = await idempotency.claim(
         services.db,
         principal_of(merchant),
-        held,
+        scoped_key(services, principal_of(merchant), held),
         "POST",
         "/v1/customers",
         {"name": "held"},
@@ -482,7 +495,7 @@ async def test_i3_stale_lock_taken_over_by_retry_completes_with_one_authorizatio
     settings = services.settings.idempotency
     principal = principal_of(merchant)
     claimed = await idempotency.claim(
-        services.db, principal, key, "POST", "/v1/payment_intents", PAID,
+        services.db, principal, scoped_key(services, principal, key), "POST", "/v1/payment_intents", PAID,
         lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s,
     )  # fmt: skip
     assert isinstance(claimed, Claim)
@@ -539,7 +552,14 @@ async def test_i3_stale_lock_with_short_lock_timeout_recovered_without_backdatin
         principal = principal_of(merchant)
         key = new_key()
         claimed = await idempotency.claim(
-            svc.db, principal, key, "POST", "/v1/payment_intents", PAID, lock_timeout_s=lock_timeout_s, ttl_s=86400
+            svc.db,
+            principal,
+            scoped_key(svc, principal, key),
+            "POST",
+            "/v1/payment_intents",
+            PAID,
+            lock_timeout_s=lock_timeout_s,
+            ttl_s=86400,
         )
         assert isinstance(claimed, Claim)
         crashing = CrashAfterAuthorize(svc.payments.router.for_mode(False))
@@ -581,8 +601,9 @@ async def test_i3_crash_after_processor_call_resumes_recovery_point_with_one_aut
     ctx = services.payments
 
     claimed = await idempotency.claim(
-        services.db, principal, key, "POST", path, {}, lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s
-    )
+        services.db, principal, scoped_key(services, principal, key), "POST", path, {},
+        lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s,
+    )  # fmt: skip
     assert isinstance(claimed, Claim)
 
     async with services.db.tx() as conn:
@@ -715,7 +736,8 @@ async def hold_key(services: Services, merchant: Merchant, key: str, data: dict[
     """The key claimed by another request still running (its lock fresh)."""
     settings = services.settings.idempotency
     held = await idempotency.claim(
-        services.db, principal_of(merchant), key, "POST", "/v1/payment_intents", data,
+        services.db, principal_of(merchant), scoped_key(services, principal_of(merchant), key),
+        "POST", "/v1/payment_intents", data,
         lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s,
     )  # fmt: skip
     assert isinstance(held, Claim)
@@ -918,7 +940,8 @@ async def test_i4_replay_is_not_a_new_claim(services: Services, merchant: Mercha
     first = await post(api, "/v1/customers", data, key=key)
     settings = services.settings.idempotency
     again = await idempotency.claim(
-        services.db, principal_of(merchant), key, "POST", "/v1/customers", _form(data),
+        services.db, principal_of(merchant), scoped_key(services, principal_of(merchant), key),
+        "POST", "/v1/customers", _form(data),
         lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s,
     )  # fmt: skip
     assert again == Replay(status=200, body=first.content)
@@ -939,8 +962,9 @@ async def test_i3_decline_settled_by_the_sweep_is_what_the_retry_answers(
     principal = principal_of(merchant)
     settings = services.settings.idempotency
     claimed = await idempotency.claim(
-        services.db, principal, key, "POST", path, {}, lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s
-    )
+        services.db, principal, scoped_key(services, principal, key), "POST", path, {},
+        lock_timeout_s=settings.lock_timeout_s, ttl_s=settings.ttl_s,
+    )  # fmt: skip
     assert isinstance(claimed, Claim)
     async with services.db.tx() as conn:
         intent = await load(conn, payment_intents, principal, intent_id, "payment_intent", for_update=True)
@@ -991,3 +1015,19 @@ async def test_keys_that_merely_hold_digit_groups_are_accepted(api: httpx.AsyncC
     # UUIDs (the stripe SDK's keys) and hex digests hold digit runs that may look like a card by chance.
     response = await post(api, "/v1/customers", {"name": "x"}, key=key)
     assert response.status_code == 200, response.text
+
+
+async def test_i2_key_at_rest_only_as_its_hmac_bound_to_the_merchant(
+    api: httpx.AsyncClient, services: Services, merchant: Merchant
+) -> None:
+    """PCI DSS 3.5.1: a key such as `order-<card number>` was stored as sent. Now the row holds
+    HMAC-SHA256 under the server's key-hash secret, over merchant, mode and key; replays still work."""
+    key = "order-" + secrets.token_hex(8)
+    first = await post(api, "/v1/customers", {"name": "x"}, key=key)
+    row = await key_row(services, merchant.id, key)
+    assert row is not None
+    assert all(key.encode() not in (v if isinstance(v, bytes) else str(v).encode()) for v in row)
+    assert len(row.key_hash) == 32
+    assert row.key_hash != idempotency.scoped(services.hasher, "acct_other", False, key).digest
+    assert row.key_hash != idempotency.scoped(services.hasher, merchant.id, True, key).digest
+    assert_replay_of(await post(api, "/v1/customers", {"name": "x"}, key=key), first)

@@ -139,7 +139,7 @@ def test_0010_answers_to_idempotency_keys_are_heap_only_updates_on_postgres(back
         if backend == "postgres":
             updated, hot = asyncio.run(_claim_and_answer(url, "before", 300))
             assert updated == 300 and hot < 100
-        upgrade(url)
+        upgrade(url, "0010")  # 0011 replaces the key column these statements write
         if backend == "postgres":
             assert asyncio.run(_query(url, reloptions)) == [(["fillfactor=15"],)]
             assert asyncio.run(_claim_and_answer(url, "after", 300)) == (300, 300)

@@ -121,7 +121,7 @@ async def test_an_update_carries_the_literal_values_of_its_statement(db: Databas
     """`.values(locked_at=None)` is part of the statement, not of the parameters: the batch must
     still set it (the stored idempotent response unlocks its key)."""
     merchant = "acct_" + secrets.token_hex(6)
-    key = {"merchant_id": merchant, "livemode": False, "key": "k-1"}
+    key = {"merchant_id": merchant, "livemode": False, "key_hash": b"k" * 32}
     now = dt.datetime.now(dt.UTC)
     async with db.tx() as conn:
         await conn.execute(
@@ -133,11 +133,11 @@ async def test_an_update_carries_the_literal_values_of_its_statement(db: Databas
         .where(
             idempotency_keys.c.merchant_id == sa.bindparam("w_merchant"),
             idempotency_keys.c.livemode == sa.bindparam("w_livemode"),
-            idempotency_keys.c.key == sa.bindparam("w_key"),
+            idempotency_keys.c.key_hash == sa.bindparam("w_key"),
         )
         .values(response_status=sa.bindparam("w_status"), locked_at=None)
     )
-    params = {"w_merchant": merchant, "w_livemode": False, "w_key": "k-1", "w_status": 201}
+    params = {"w_merchant": merchant, "w_livemode": False, "w_key": b"k" * 32, "w_status": 201}
     group = GroupCommit(db, max_batch=64, max_writers=1)
 
     assert await group.commit([Write(store, params)])
@@ -207,7 +207,7 @@ async def test_binary_values_and_naive_timestamps_are_stored_as_sqlalchemy_store
     row = {
         "merchant_id": merchant,
         "livemode": False,
-        "key": "k-bytes",
+        "key_hash": raw[32:64],
         "fingerprint": raw[:32],
         "method": "POST",
         "path": "/v1/x",

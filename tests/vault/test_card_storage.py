@@ -240,7 +240,9 @@ async def test_pci_3_5_1_1_idempotency_record_of_a_card_request_is_not_a_plain_h
             (
                 await conn.execute(
                     sa.select(idempotency_keys).where(
-                        idempotency_keys.c.merchant_id == owner.id, idempotency_keys.c.key == "card-request-1"
+                        idempotency_keys.c.merchant_id == owner.id,
+                        idempotency_keys.c.key_hash
+                        == idempotency.scoped(store.services.hasher, owner.id, False, "card-request-1").digest,
                     )
                 )
             )

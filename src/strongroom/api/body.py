@@ -23,6 +23,7 @@ import orjson
 from starlette.requests import Request
 
 from strongroom.errors import InvalidRequest, PayloadTooLarge
+from strongroom.redact import PAN_DIGITS_MAX, holds_pan
 
 MAX_BODY_BYTES = 256 * 1024
 # Generous for Stripe's widest requests (Checkout Sessions with many line items) while bounding the
@@ -271,25 +272,54 @@ async def read_params(request: Request) -> dict[str, Any]:
         params = await _read_body_params(request)
     else:
         params = parse_form(request.scope.get("query_string", b""))
-    _reject_nul(params, "")
+    _screen(params, "")
     request.state.params = params
     return params
 
 
 _NUL_MESSAGE = "{where} must not contain NUL characters (\\u0000)."
+# PCI DSS 3.4.1 / 3.5.1: card numbers reach the vault through these parameters only (payment
+# methods, tokens and the hosted card form take `card[number]`); anywhere else one would be
+# stored in clear, logged or echoed. On a route without such a field `card[number]` is an
+# unknown parameter, refused by its model before anything is written.
+CARD_FIELDS = frozenset({"card[number]"})
 
 
-def _reject_nul(value: Any, path: str) -> None:
-    """PostgreSQL text and JSON cannot hold U+0000: refuse it up front, the same on every database."""
+def _pan_refused(path: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Invalid {path}: it holds what looks like a card number. Card numbers are accepted only in "
+        "card[number]; send other card data through the vault, never in free-text fields.",
+        param=path,
+    )
+
+
+def _screen(value: Any, path: str) -> None:
+    """Refuse what no parameter may hold, before anything is stored: U+0000 (PostgreSQL text and
+    JSON cannot hold it: refused the same on every database) and, outside `CARD_FIELDS`, a PAN in
+    a value or in a name (a metadata key). One walk over the parameters; a string without a run of
+    13 digits costs one precompiled-regex scan (`strongroom.redact`)."""
     if isinstance(value, str):
         if "\x00" in value:
             raise InvalidRequest(_NUL_MESSAGE.format(where=f"Parameter {path}"), param=path)
+        if holds_pan(value) and path not in CARD_FIELDS:
+            raise _pan_refused(path)
     elif isinstance(value, dict):
         for key, item in value.items():
             child = _join(path, key)
             if "\x00" in key:
                 raise InvalidRequest(_NUL_MESSAGE.format(where="Parameter names"), param=path or None)
-            _reject_nul(item, child)
+            if holds_pan(key):
+                raise _pan_refused(child)
+            _screen(item, child)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _reject_nul(item, _join(path, str(index)))
+            _screen(item, _join(path, str(index)))
+    elif (
+        # A JSON number: the digits are the same card number whatever the quoting.
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and abs(value) < 10**PAN_DIGITS_MAX
+        and holds_pan(str(value))
+        and path not in CARD_FIELDS
+    ):
+        raise _pan_refused(path)

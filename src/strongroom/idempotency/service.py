@@ -8,6 +8,11 @@
 - A response is stored in the same transaction as the request's last write (`Recorder.finish`),
   so a stored response and the state it describes can never disagree.
 - Keys expire after `ttl_s` (at least 24 hours).
+- A key is stored only as HMAC-SHA256 under the server's key-hash secret (the one API keys are
+  hashed under, with a label of its own), over the merchant, the mode and the key: nothing a
+  client sends as a key is at rest (PCI DSS 3.5.1; a key may hold an order number, an e-mail
+  address, or a card number that the PAN check cannot see), and one client's key tells nothing
+  about another's. Computed once per request (`scoped`), as every statement's lookup value.
 
 A claim may be deferred (`deferred`, for a route whose service writes nothing before its first
 recorded write): the key's row is then not written first, on its own, but INSERTed by the
@@ -31,9 +36,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from strongroom.auth.models import Principal
+from strongroom.auth.service import KeyHasher
 from strongroom.errors import IdempotencyConflict, IdempotencyError, InvalidRequest
 from strongroom.idempotency.tables import idempotency_keys as keys
-from strongroom.redact import luhn_valid
+from strongroom.redact import holds_pan
 from strongroom.store.db import Database, as_utc, insert_ignore, utcnow
 from strongroom.store.group import Write
 
@@ -103,7 +109,7 @@ class Replay:
 _BY_KEY = sa.and_(
     keys.c.merchant_id == sa.bindparam("w_merchant"),
     keys.c.livemode == sa.bindparam("w_livemode"),
-    keys.c.key == sa.bindparam("w_key"),
+    keys.c.key_hash == sa.bindparam("w_key"),
 )
 _INSERT = keys.insert()
 _CHECKPOINT = keys.update().where(_BY_KEY).values(resource_id=sa.bindparam("w_resource"))
@@ -119,13 +125,30 @@ class NotHeld(Exception):
     one): claim the key the usual way, then run the request again."""
 
 
+@dataclass(frozen=True)
+class Key:
+    """An Idempotency-Key: as the client sent it (for its own error messages, never stored) and as
+    it is stored (`scoped`)."""
+
+    text: str
+    digest: bytes
+
+
+def scoped(hasher: KeyHasher, merchant_id: str, livemode: bool, text: str) -> Key:
+    """The key as stored: HMAC-SHA256 under the key-hash secret, bound to the merchant and mode
+    (IETF draft §2: keys are scoped per client). Merchant ids hold no "/", so the message is
+    unambiguous; the label keeps these digests apart from every other use of that secret."""
+    mode = "live" if livemode else "test"
+    return Key(text, hasher.digest(f"idempotency/key/{merchant_id}/{mode}/{text}"))
+
+
 @dataclass
 class Claim:
     """This request holds the key (or, deferred, will hold it with its first recorded write)."""
 
     merchant_id: str
     livemode: bool
-    key: str
+    key: Key
     resume_id: str | None
     recovered: bool
     stored: bool = False
@@ -142,17 +165,17 @@ class Claim:
         return sa.and_(
             keys.c.merchant_id == self.merchant_id,
             keys.c.livemode == self.livemode,
-            keys.c.key == self.key,
+            keys.c.key_hash == self.key.digest,
         )
 
     def _key(self) -> dict[str, Any]:
-        return {"w_merchant": self.merchant_id, "w_livemode": self.livemode, "w_key": self.key}
+        return {"w_merchant": self.merchant_id, "w_livemode": self.livemode, "w_key": self.key.digest}
 
     async def hold(self, db: Database) -> None:
         if self.pending is None:
             return
         if await db.execute_one(insert_ignore(db.engine.dialect.name, keys), self.pending) != 1:
-            raise NotHeld(self.key)
+            raise NotHeld
         self.pending = None
 
     async def checkpoint(self, conn: AsyncConnection, resource_id: str) -> None:
@@ -204,8 +227,9 @@ def validate_key(key: str, max_length: int) -> str:
             f"Idempotency-Key must be 1 to {max_length} printable ASCII characters.",
             code="idempotency_key_invalid",
         )
-    if _holds_card_number(key):
-        # The key is stored as is and echoed on replays: it must not hold a card number (PCI DSS 3.4.1).
+    if holds_pan(key):
+        # Echoed in responses and logs (PCI DSS 3.4.1). The detector leaves UUIDs and hex strings
+        # alone, so random keys (the stripe SDKs' UUIDs, hex digests) are never refused.
         raise InvalidRequest(
             "Idempotency-Key must not contain a card number; use a random value such as a UUID.",
             code="idempotency_key_invalid",
@@ -213,15 +237,7 @@ def validate_key(key: str, max_length: int) -> str:
     return key
 
 
-def _holds_card_number(key: str) -> bool:
-    """A key that is a card number (with or without spaces or dashes). Only the whole key: random
-    keys (hex digests, UUIDs) contain long runs of digits by chance, and refusing those would fail
-    a legitimate client now and then."""
-    digits = key.replace(" ", "").replace("-", "")
-    return 13 <= len(digits) <= 19 and digits.isdigit() and luhn_valid(digits)
-
-
-def deferred(principal: Principal, key: str, method: str, path: str, params: dict[str, Any]) -> Claim:
+def deferred(principal: Principal, key: Key, method: str, path: str, params: dict[str, Any]) -> Claim:
     """A claim of a key believed new, written by the request's first recorded write (see the
     module's docstring). The service must write nothing before that, or call `hold` first."""
     now = utcnow()
@@ -229,11 +245,11 @@ def deferred(principal: Principal, key: str, method: str, path: str, params: dic
     return Claim(principal.merchant_id, principal.livemode, key, resume_id=None, recovered=False, pending=row)
 
 
-def _new_row(principal: Principal, key: str, fp: bytes, method: str, path: str, now: dt.datetime) -> dict[str, Any]:
+def _new_row(principal: Principal, key: Key, fp: bytes, method: str, path: str, now: dt.datetime) -> dict[str, Any]:
     return {
         "merchant_id": principal.merchant_id,
         "livemode": principal.livemode,
-        "key": key,
+        "key_hash": key.digest,
         "fingerprint": fp,
         "method": method,
         "path": path,
@@ -245,7 +261,7 @@ def _new_row(principal: Principal, key: str, fp: bytes, method: str, path: str, 
 async def claim(
     db: Database,
     principal: Principal,
-    key: str,
+    key: Key,
     method: str,
     path: str,
     params: dict[str, Any],
@@ -275,7 +291,7 @@ async def claim(
                 # released it (Claim.release). The key is free: claim it again.
                 continue
             return await _judge(conn, fresh, row, fp, method, path, now, lock_timeout_s=lock_timeout_s, ttl_s=ttl_s)
-    raise _in_progress(key)
+    raise _in_progress(key.text)
 
 
 # A key released again and again between our insert and our read is still being fought over.
@@ -301,14 +317,14 @@ async def _judge(
     if row.fingerprint != fp:
         raise IdempotencyError(
             "Keys for idempotent requests can only be used with the same parameters they were "
-            "first used with. Try using a key other than '" + fresh.key + "' if you meant to execute "
+            "first used with. Try using a key other than '" + fresh.key.text + "' if you meant to execute "
             "a different request.",
             code="idempotency_key_in_use",
         )
     if row.response_status is not None:
         return Replay(status=row.response_status, body=bytes(row.response_body))
     if row.locked_at is not None and as_utc(row.locked_at) > now - dt.timedelta(seconds=lock_timeout_s):
-        raise _in_progress(fresh.key)
+        raise _in_progress(fresh.key.text)
     await conn.execute(keys.update().where(fresh._where()).values(locked_at=now))
     return Claim(fresh.merchant_id, fresh.livemode, fresh.key, resume_id=row.resource_id, recovered=True)
 
@@ -349,7 +365,7 @@ async def purge_expired(db: Database, *, ttl_s: float, batch: int) -> int:
     async with db.tx() as conn:
         victims = (
             await conn.execute(
-                sa.select(keys.c.merchant_id, keys.c.livemode, keys.c.key)
+                sa.select(keys.c.merchant_id, keys.c.livemode, keys.c.key_hash)
                 .where(keys.c.created < cutoff, sa.or_(keys.c.locked_at.is_(None), keys.c.locked_at < cutoff))
                 .limit(batch)
             )
@@ -359,7 +375,7 @@ async def purge_expired(db: Database, *, ttl_s: float, batch: int) -> int:
                 keys.delete().where(
                     keys.c.merchant_id == v.merchant_id,
                     keys.c.livemode == v.livemode,
-                    keys.c.key == v.key,
+                    keys.c.key_hash == v.key_hash,
                 )
             )
     return len(victims)

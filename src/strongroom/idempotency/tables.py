@@ -2,13 +2,14 @@ import sqlalchemy as sa
 
 from strongroom.store.metadata import Timestamp, metadata
 
-# One row per (merchant, mode, key): draft §2 — keys are scoped to the client that sent them.
+# One row per (merchant, mode, key): draft §2 — keys are scoped to the client that sent them. The
+# key itself is never stored, only its HMAC (idempotency.service.scoped; migration 0011).
 idempotency_keys = sa.Table(
     "idempotency_keys",
     metadata,
     sa.Column("merchant_id", sa.String(40), primary_key=True),
     sa.Column("livemode", sa.Boolean, primary_key=True),
-    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("key_hash", sa.LargeBinary(32), primary_key=True),
     sa.Column("fingerprint", sa.LargeBinary(32), nullable=False),
     sa.Column("method", sa.String(8), nullable=False),
     sa.Column("path", sa.String(512), nullable=False),
