@@ -163,16 +163,33 @@ async def _relay_overhead(vault: Any, db: Any, merchant: str, count: int) -> dic
     import statistics
 
     from strongroom.sensitive import Secret
-    from strongroom.vault.relay import Allowlist, CardFacts, Relay, RelayRequest, _call_local
+    from strongroom.vault.relay import Allowlist, CardFacts, Relay, RelayCall, _call_local
+    from strongroom.vault.templates import CardValue, Encoding, RequestTemplate, TemplateRegistry
 
     origin = "https://processor.bench"
     processor = _Processor()
-    relay = Relay(vault, db, Allowlist([origin]), timeout_s=5.0, local_apps={origin: processor})
+    charge = RequestTemplate(
+        id="bench.charge",
+        connector="bench",
+        method="POST",
+        path="/v1/charges",
+        encoding=Encoding.JSON,
+        card_fields={"number": CardValue.NUMBER, "exp_month": CardValue.EXP_MONTH, "exp_year": CardValue.EXP_YEAR},
+        value_fields=frozenset({"amount"}),
+        endpoints=(origin,),
+    )
+    relay = Relay(
+        vault,
+        db,
+        Allowlist([origin]),
+        timeout_s=5.0,
+        local_apps={origin: processor},
+        templates=TemplateRegistry([charge]),
+    )
     async with db.tx() as conn:
         token = (await vault.tokenize(conn, merchant, Secret(CARDS[0]), None)).token
-    template = '{"number": "{{card.number}}", "exp": "{{card.exp_month}}/{{card.exp_year}}", "amount": 1000}'
-    request = RelayRequest("POST", origin + "/v1/charges", template, {"content-type": "application/json"})
-    plain = template.replace("{{card.number}}", CARDS[0]).replace("{{card.exp_month}}/{{card.exp_year}}", "12/2034")
+    call = RelayCall(charge.id, {"amount": 1000})
+    plain = json.dumps({"amount": 1000, "number": CARDS[0], "exp_month": "12", "exp_year": "2034"})
     timings: dict[str, list[float]] = {"direct": [], "relay": []}
     try:
         for _ in range(count):
@@ -182,9 +199,7 @@ async def _relay_overhead(vault: Any, db: Any, merchant: str, count: int) -> dic
             )
             timings["direct"].append(time.perf_counter() - started)
             started = time.perf_counter()
-            await relay.send(
-                actor="bench", merchant_id=merchant, token=token, card=CardFacts(12, 2034), request=request
-            )
+            await relay.send(actor="bench", merchant_id=merchant, token=token, card=CardFacts(12, 2034), call=call)
             timings["relay"].append(time.perf_counter() - started)
     finally:
         await relay.aclose()

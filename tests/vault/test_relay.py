@@ -18,8 +18,9 @@ from tests.factories import card_payment_method, create_intent
 from strongroom.errors import ResourceMissing
 from strongroom.payments.tables import payment_methods
 from strongroom.sensitive import Secret
-from strongroom.vault.relay import Allowlist, CardFacts, Relay, RelayFailed, RelayRefused, RelayRequest
+from strongroom.vault.relay import Allowlist, CardFacts, Relay, RelayCall, RelayFailed, RelayRefused
 from strongroom.vault.relay_tables import vault_relay_audit
+from strongroom.vault.templates import CardValue, Encoding, RequestTemplate, TemplateRegistry
 
 AMEX = "378282246310005"
 AMEX_CVC = "4242"
@@ -41,8 +42,10 @@ class EchoProcessor:
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.received.append({"path": scope["path"], "body": message.get("body", b"").decode(), "headers": headers})
         await asyncio.sleep(self.delay_s)
+        received = orjson.loads(message.get("body", b"{}"))
         body = orjson.dumps({"echo": message.get("body", b"").decode(), "status": "approved", "amount": 4242})
-        await send({"type": "http.response.start", "status": 201, "headers": [(b"x-card", headers["x-card"].encode())]})
+        echo = [(b"x-card", str(received.get("pan", "")).encode())]  # a processor echoing the PAN in a header
+        await send({"type": "http.response.start", "status": 201, "headers": echo})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -56,22 +59,34 @@ async def _token(api: httpx.AsyncClient, services: Any, merchant_id: str, **card
     return token
 
 
-def _relay(services: Any, processor: EchoProcessor, *, timeout_s: float = 5.0) -> Relay:
+# A processor's card-bearing call as the vault owns it.
+_CHARGE = RequestTemplate(
+    id="test.charge",
+    connector="test",
+    method="POST",
+    path="/v1/charges",
+    encoding=Encoding.JSON,
+    card_fields={
+        "pan": CardValue.NUMBER,
+        "cvc": CardValue.CVC,
+        "exp.month": CardValue.EXP_MONTH,
+        "exp.year": CardValue.EXP_YEAR,
+    },
+    value_fields=frozenset({"amount"}),
+    endpoints=(PROCESSOR,),
+)
+_TEMPLATE = RelayCall(_CHARGE.id, {"amount": 1000})
+
+
+def _relay(services: Any, processor: EchoProcessor, *, timeout_s: float = 5.0, endpoints: Any = None) -> Relay:
     return Relay(
         services.payments.vault,
         services.db,
         Allowlist([PROCESSOR]),
         timeout_s=timeout_s,
         local_apps={PROCESSOR: processor},
+        templates=TemplateRegistry([_CHARGE], endpoints),
     )
-
-
-_TEMPLATE = RelayRequest(
-    "POST",
-    PROCESSOR + "/v1/charges",
-    '{"pan": "{{card.number}}", "cvc": "{{card.cvc}}", "exp": "{{card.exp_month}}/{{ card.exp_year }}"}',
-    {"x-card": "{{card.number}}", "content-type": "application/json"},
-)
 
 
 async def _audit(services: Any, merchant_id: str) -> list[dict[str, Any]]:
@@ -86,14 +101,19 @@ async def test_t2_relay_fills_placeholders_sends_card_data_and_returns_it_redact
     relay = _relay(services, processor)
     try:
         response = await relay.send(
-            actor="test", merchant_id=merchant.id, token=token, card=CardFacts(12, 2034), request=_TEMPLATE
+            actor="test", merchant_id=merchant.id, token=token, card=CardFacts(12, 2034), call=_TEMPLATE
         )
     finally:
         await relay.aclose()
     (received,) = processor.received
-    # The processor got the real card data, in the body and in the header.
-    assert orjson.loads(received["body"]) == {"pan": AMEX, "cvc": AMEX_CVC, "exp": "12/2034"}
-    assert received["headers"]["x-card"] == AMEX
+    # The processor got the real card data, each value in the field the template gives it.
+    assert orjson.loads(received["body"]) == {
+        "amount": 1000,
+        "pan": AMEX,
+        "cvc": AMEX_CVC,
+        "exp": {"month": "12", "year": "2034"},
+    }
+    assert received["headers"]["content-type"] == "application/json"
     # The caller got the answer back without it.
     assert response.status_code == 201
     assert AMEX not in response.body and AMEX not in str(response.headers)
@@ -120,12 +140,12 @@ async def test_p1_cvc_is_relayed_once_then_gone(api, services, merchant):
     try:
         for _ in range(2):
             await relay.send(
-                actor="test", merchant_id=merchant.id, token=token, card=CardFacts(12, 2034), request=_TEMPLATE
+                actor="test", merchant_id=merchant.id, token=token, card=CardFacts(12, 2034), call=_TEMPLATE
             )
     finally:
         await relay.aclose()
     first, second = (orjson.loads(r["body"]) for r in processor.received)
-    assert (first["cvc"], second["cvc"]) == (AMEX_CVC, "")
+    assert (first["cvc"], "cvc" in second) == (AMEX_CVC, False)
 
 
 @pytest.mark.parametrize(
@@ -141,13 +161,12 @@ async def test_p1_cvc_is_relayed_once_then_gone(api, services, merchant):
 async def test_t2_relay_refuses_destinations_off_the_allowlist_and_audits_it(api, services, merchant, url):
     token = await _token(api, services, merchant.id)
     processor = EchoProcessor()
+    # The api names the endpoint; the vault sends only to its template's own.
     relay = _relay(services, processor)
-    request = RelayRequest("POST", url, _TEMPLATE.body, {"x-card": "{{card.number}}"})
+    call = RelayCall(_CHARGE.id, {"amount": 1000}, base_url=url.removesuffix("/v1/charges"))
     try:
         with pytest.raises(RelayRefused):
-            await relay.send(
-                actor="test", merchant_id=merchant.id, token=token, card=CardFacts(1, 2030), request=request
-            )
+            await relay.send(actor="test", merchant_id=merchant.id, token=token, card=CardFacts(1, 2030), call=call)
     finally:
         await relay.aclose()
     assert processor.received == []
@@ -155,6 +174,21 @@ async def test_t2_relay_refuses_destinations_off_the_allowlist_and_audits_it(api
     assert (row["outcome"], row["status_code"]) == ("refused", None)
     # The CVC was not consumed by a refused relay.
     assert services.payments.vault.cvcs.take(merchant.id, token) == Secret(AMEX_CVC)
+
+
+async def test_t2_a_template_endpoint_off_the_allowlist_is_refused_too(api, services, merchant):
+    token = await _token(api, services, merchant.id)
+    processor = EchoProcessor()
+    relay = _relay(services, processor, endpoints={"test": ["https://processor.example:8443"]})
+    call = RelayCall(_CHARGE.id, {"amount": 1000}, base_url="https://processor.example:8443")
+    try:
+        with pytest.raises(RelayRefused):
+            await relay.send(actor="test", merchant_id=merchant.id, token=token, card=CardFacts(1, 2030), call=call)
+    finally:
+        await relay.aclose()
+    assert processor.received == []
+    (row,) = await _audit(services, merchant.id)
+    assert (row["destination"], row["outcome"]) == ("https://processor.example:8443/v1/charges", "refused")
 
 
 def test_t2_allowlist_takes_tls_origins_only():
@@ -172,7 +206,7 @@ async def test_t3_another_merchants_token_is_not_found_and_audited(api, services
     try:
         with pytest.raises(ResourceMissing):
             await relay.send(
-                actor="test", merchant_id="acct_other", token=token, card=CardFacts(1, 2030), request=_TEMPLATE
+                actor="test", merchant_id="acct_other", token=token, card=CardFacts(1, 2030), call=_TEMPLATE
             )
     finally:
         await relay.aclose()
@@ -187,7 +221,7 @@ async def test_a_processor_that_does_not_answer_in_time_is_a_timeout_and_audited
     try:
         with pytest.raises(RelayFailed) as failure:
             await relay.send(
-                actor="test", merchant_id=merchant.id, token=token, card=CardFacts(1, 2030), request=_TEMPLATE
+                actor="test", merchant_id=merchant.id, token=token, card=CardFacts(1, 2030), call=_TEMPLATE
             )
     finally:
         await relay.aclose()

@@ -30,7 +30,7 @@ from strongroom import tls
 from strongroom.errors import ResourceMissing
 from strongroom.sensitive import Secret
 from strongroom.vault import channel
-from strongroom.vault.relay import CardFacts, RelayRefused, RelayRequest
+from strongroom.vault.relay import CardFacts, RelayCall, RelayRefused
 from strongroom.vault.remote import CARDS_PATH, RemoteRelay, RemoteVault
 
 VISA = "4242424242424242"
@@ -221,18 +221,18 @@ def test_the_channel_refuses_a_short_secret():
 
 
 def test_remote_relay_failures_reach_the_api_as_the_in_process_ones_do(deployment):
-    async def attempt(url: str, token: str) -> None:
+    async def attempt(base_url: str, token: str) -> None:
         remote = RemoteVault(deployment.vault_url, Secret(deployment.secret.encode()), verify=deployment.vault_tls)
-        request = RelayRequest("POST", url, '{"number": "{{card.number}}"}')
+        call = RelayCall("sandbox.authorize", {"amount_minor": 1500}, base_url=base_url)
         try:
             await RemoteRelay(remote).send(
-                actor="test", merchant_id="acct_test", token=token, card=CardFacts(12, 2034), request=request
+                actor="test", merchant_id="acct_test", token=token, card=CardFacts(12, 2034), call=call
             )
         finally:
             await remote.aclose()
 
     # Off the vault's allowlist: refused there, nothing sent; a token the vault does not know: 404.
     with pytest.raises(RelayRefused):
-        asyncio.run(attempt("https://evil.example/v1/charges", "card_unknown"))
+        asyncio.run(attempt("https://evil.example", "card_unknown"))
     with pytest.raises(ResourceMissing):
-        asyncio.run(attempt(f"{deployment.api_url}/sandbox/v1/authorizations", "card_unknown"))
+        asyncio.run(attempt(f"{deployment.api_url}/sandbox", "card_unknown"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
 
+from strongroom import ratelimit
 from strongroom.api import validate
 from strongroom.api.auth import authenticate
 from strongroom.api.body import read_params
@@ -61,6 +62,8 @@ class Services:
     principals: PrincipalCache
     # The only way card data leaves the vault (closed with the app).
     relay: CardRelay | None = None
+    # Rate limits of the public endpoints (SECURITY.md P10); Redis when configured.
+    limiter: ratelimit.Limiter = field(default_factory=lambda: ratelimit.MemoryLimiter(100_000))
 
 
 def services(request: Request) -> Services:
@@ -168,10 +171,11 @@ async def post(
             )
         return await _run(svc, principal, params, op, render, NULL_RECORDER, None)
     idempotency.validate_key(key, svc.settings.idempotency.key_max_length)
+    stored_key = idempotency.scoped(svc.hasher, principal.merchant_id, principal.livemode, key)
     fingerprinted = _without_card_data(raw, svc.hasher)
     path = _path(request)
     if defer_claim:
-        pending = idempotency.deferred(principal, key, request.method, path, fingerprinted)
+        pending = idempotency.deferred(principal, stored_key, request.method, path, fingerprinted)
         # NotHeld: the key has a record (or the request was refused): claimed below, then run again.
         with contextlib.suppress(NotHeld):
             return await _run(
@@ -180,7 +184,7 @@ async def post(
     claimed = await idempotency.claim(
         svc.db,
         principal,
-        key,
+        stored_key,
         request.method,
         path,
         fingerprinted,
@@ -233,14 +237,14 @@ async def _run(
         if claim is not None and not claim.held:
             # Refused before the key was written: what the key holds (a stored response, another
             # request in flight, other parameters) must be answered first.
-            raise NotHeld(claim.key) from exc
+            raise NotHeld from exc
         if claim is not None and not claim.stored:
             # Refused before it changed anything: a retry with the same key may run again.
             await claim.release(svc.db)
         return error_response(exc)
     except sa_exc.IntegrityError as exc:
         if claim is not None and not claim.held:
-            raise NotHeld(claim.key) from exc  # the deferred INSERT of the key found it taken
+            raise NotHeld from exc  # the deferred INSERT of the key found it taken
         raise
     except sa_exc.TimeoutError:
         return _outcome_unknown(principal)

@@ -1,20 +1,26 @@
 """The relay: how a card number reaches a processor without leaving the vault's hands.
 
-A connector never holds a PAN. It builds its card-bearing request with placeholders —
-`{{card.number}}`, `{{card.cvc}}`, `{{card.exp_month}}`, `{{card.exp_year}}` — and hands it to
-`Relay.send` with the card's token. The vault then, and only then:
+A connector never holds a PAN. For a card-bearing call it names one of the vault's request
+templates (`strongroom.vault.templates`: method, path, encoding, which field each card value
+fills, which headers the caller may set) and supplies the non-card values, with the card's token.
+The vault then, and only then:
 
-1. checks the destination against the allowlist (exact scheme, host and port; HTTPS only, except
-   origins explicitly configured as local test processors, such as the in-process sandbox),
-2. opens the card (`Vault.reveal`) and takes the CVC out of its in-memory cache (it is gone
+1. resolves the template and the endpoint (one of the template's base URLs) and checks the origin
+   against the allowlist (exact scheme, host and port; HTTPS only, except origins explicitly
+   configured as local test processors, such as the in-process sandbox),
+2. checks the caller's values and headers against the template (no field outside it, no card
+   field, no `{{…}}` placeholder anywhere: SECURITY.md T2),
+3. opens the card (`Vault.reveal`) and takes the CVC out of its in-memory cache (it is gone
    afterwards: PCI DSS 3.3.1.2),
-3. fills the placeholders in the body and headers and sends the request itself,
-4. redacts any card data in the processor's answer before returning it (the PAN and anything that
+4. builds the request itself, each card value in its one field, and sends it,
+5. redacts any card data in the processor's answer before returning it (the PAN and anything that
    looks like one, and the CVC),
-5. audits the use (SECURITY.md T2 / P18, P19): actor, merchant, token, destination, method, path,
-   outcome (sent, refused, not_found, timeout, error), status, UTC time — never the card data.
+6. audits the use (SECURITY.md T2 / P18, P19): actor, merchant, token, destination, method, path,
+   outcome (sent, refused, template_refused, not_found, timeout, error), status, UTC time —
+   never the card data.
 
-A refused destination raises `RelayRefused` and is audited too; the request is never built.
+A refusal (steps 1 and 2) raises `RelayRefused` (`TemplateRefused` for step 2) and is audited too;
+the card is not opened and nothing is sent.
 """
 
 from __future__ import annotations
@@ -30,27 +36,32 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
-from strongroom.errors import ResourceMissing, StrongroomError
+from strongroom.errors import ResourceMissing
 from strongroom.ids import ordered_part
 from strongroom.redact import redact
-from strongroom.sensitive import Secret
 from strongroom.store.db import Database, utcnow
 from strongroom.store.group import GroupCommit, Write
 from strongroom.vault.relay_tables import vault_relay_audit
 from strongroom.vault.service import Vault
+from strongroom.vault.templates import RelayRefused, TemplateRefused, TemplateRegistry, card_values, default_registry
+
+# RelayRefused and TemplateRefused are raised here and defined beside the templates.
+__all__ = [
+    "Allowlist",
+    "CardFacts",
+    "CardRelay",
+    "Relay",
+    "RelayCall",
+    "RelayFailed",
+    "RelayRefused",
+    "RelayResponse",
+    "TemplateRefused",
+    "origin_of",
+]
 
 log = structlog.get_logger(__name__)
 
-_PLACEHOLDER = re.compile(r"\{\{\s*card\.(number|cvc|exp_month|exp_year)\s*\}\}")
 _INSERT_AUDIT = vault_relay_audit.insert()
-
-
-class RelayRefused(StrongroomError):
-    """The destination is not on the relay allowlist (or not TLS): nothing was sent."""
-
-    http_status = 403
-    type = "invalid_request_error"
-    default_code = "relay_destination_refused"
 
 
 class RelayFailed(Exception):
@@ -70,11 +81,35 @@ class CardFacts:
 
 
 @dataclass(frozen=True)
-class RelayRequest:
-    method: str
-    url: str
-    body: str
-    headers: Mapping[str, str] = field(default_factory=dict)
+class RelayCall:
+    """What the caller may say about a card-bearing request: which template, which of its
+    endpoints (None: its default), and the non-card values and headers the template allows."""
+
+    template: str
+    values: Mapping[str, object]
+    headers: Mapping[str, object] = field(default_factory=dict)
+    base_url: str | None = None
+    # Keys a request over the vault's channel carried beyond these (e.g. a raw body): refused.
+    unexpected: tuple[str, ...] = ()
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> RelayCall:
+        """From the vault channel's JSON; never raises, so that a malformed call is refused and
+        audited by the relay like any other."""
+        base_url = data.get("base_url")
+        return cls(
+            template=str(data.get("template") or "")[:100],
+            values=data.get("values", {}),  # its shape is checked by the template, with the rest
+            headers=data.get("headers", {}),
+            base_url=base_url if isinstance(base_url, str) else None,
+            unexpected=tuple(sorted(str(k)[:40] for k in data if k not in _CALL_KEYS)),
+        )
+
+    def as_wire(self) -> dict[str, Any]:
+        return {"template": self.template, "values": self.values, "headers": self.headers, "base_url": self.base_url}
+
+
+_CALL_KEYS = frozenset({"template", "values", "headers", "base_url"})
 
 
 @dataclass(frozen=True)
@@ -89,9 +124,10 @@ class CardRelay(Protocol):
     channel to a vault running as its own process."""
 
     async def send(
-        self, *, actor: str, merchant_id: str, token: str, card: CardFacts, request: RelayRequest
+        self, *, actor: str, merchant_id: str, token: str, card: CardFacts, call: RelayCall
     ) -> RelayResponse:
-        """Fill the card placeholders, send to an allowlisted processor, return the redacted answer."""
+        """Build the template's request with the card, send it to an allowlisted processor,
+        return the redacted answer."""
 
     async def aclose(self) -> None:
         """Release connections."""
@@ -131,6 +167,7 @@ class Relay:
         *,
         timeout_s: float,
         local_apps: Mapping[str, AsgiApp] | None = None,
+        templates: TemplateRegistry | None = None,
         group_commit_max: int = 64,
         group_commit_turns: int = 0,
     ) -> None:
@@ -138,6 +175,10 @@ class Relay:
         self._db = db
         self._commits = GroupCommit(db, max_batch=group_commit_max, max_writers=1, gather_turns=group_commit_turns)
         self._allowlist = allowlist
+        self._templates = templates or default_registry()
+        # (template, base URL) → (URL, origin) once resolved and allowed: endpoints are few and
+        # fixed at start-up, so the hot path skips the URL parsing.
+        self._resolved: dict[tuple[str, str | None], tuple[str, str]] = {}
         self._timeout_s = timeout_s
         # Local test processors reached in-process (an ASGI app, no network); all else over TLS.
         self._local = {origin_of(o): app for o, app in (local_apps or {}).items()}
@@ -150,48 +191,60 @@ class Relay:
         await self._network.aclose()
 
     async def send(
-        self, *, actor: str, merchant_id: str, token: str, card: CardFacts, request: RelayRequest
+        self, *, actor: str, merchant_id: str, token: str, card: CardFacts, call: RelayCall
     ) -> RelayResponse:
-        path = urllib.parse.urlsplit(request.url).path[:200]
+        template = self._templates.get(call.template)
+        method, path = (template.method, template.path) if template else ("", "")
+        destination = f"template:{call.template}"
         try:
-            origin = self._allowlist.check(request.url)
-        except RelayRefused:
-            await self._audit(actor, merchant_id, token, request.url[:200], request.method, path, "refused", None)
-            log.warning("vault.relay_refused", actor=actor, merchant_id=merchant_id, destination=request.url[:200])
+            if template is None:
+                raise TemplateRefused(f"The vault has no request template {call.template!r}.", param="template")
+            key = (template.id, call.base_url)
+            resolved = self._resolved.get(key)
+            if resolved is None:
+                url = self._templates.url(template, call.base_url)
+                destination = url
+                resolved = self._resolved[key] = (url, self._allowlist.check(url))
+            url, destination = resolved
+            if call.unexpected:
+                raise TemplateRefused("The relay takes a template and values, nothing else.", param=call.unexpected[0])
+            prepared = template.prepare(call.values, call.headers)
+        except RelayRefused as exc:
+            outcome = "template_refused" if isinstance(exc, TemplateRefused) else "refused"
+            await self._audit(actor, merchant_id, token, destination[:200], method, path, outcome, None)
+            log.warning(
+                "vault.relay_refused",
+                actor=actor,
+                merchant_id=merchant_id,
+                template=template.id if template else None,
+                param=exc.param,
+                reason=exc.message,
+            )
             raise
         try:
             pan = await self._vault.reveal_alone(self._db, merchant_id, token)
         except ResourceMissing:
-            await self._audit(actor, merchant_id, token, origin, request.method, path, "not_found", None)
+            await self._audit(actor, merchant_id, token, destination, method, path, "not_found", None)
             raise
         cvc = self._vault.cvcs.take(merchant_id, token)
-        values = {
-            "number": pan,
-            "cvc": cvc or Secret(""),
-            "exp_month": Secret(str(card.exp_month)),
-            "exp_year": Secret(str(card.exp_year)),
-        }
-        body = _fill(request.body, values).encode()
-        headers = {name: _fill(value, values) for name, value in request.headers.items()}
+        body = prepared.render(card_values(pan.reveal(), cvc.reveal() if cvc else None, card.exp_month, card.exp_year))
         try:
             # One deadline for the whole exchange (httpx's timeouts are per phase, and an
             # in-process app has none).
             async with asyncio.timeout(self._timeout_s):
-                local = self._local.get(origin)
+                local = self._local.get(destination)
                 if local is not None:
-                    status, answer_headers, answer = await _call_local(
-                        local, request.method, request.url, headers, body
-                    )
+                    status, answer_headers, answer = await _call_local(local, method, url, prepared.headers, body)
                 else:
-                    response = await self._network.request(request.method, request.url, content=body, headers=headers)
+                    response = await self._network.request(method, url, content=body, headers=prepared.headers)
                     status, answer_headers, answer = response.status_code, dict(response.headers), response.text
         except (httpx.TimeoutException, TimeoutError) as exc:
-            await self._audit(actor, merchant_id, token, origin, request.method, path, "timeout", None)
-            raise RelayFailed(f"no answer from {origin}", timed_out=True) from exc
+            await self._audit(actor, merchant_id, token, destination, method, path, "timeout", None)
+            raise RelayFailed(f"no answer from {destination}", timed_out=True) from exc
         except httpx.HTTPError as exc:
-            await self._audit(actor, merchant_id, token, origin, request.method, path, "error", None)
-            raise RelayFailed(f"{type(exc).__name__} talking to {origin}", timed_out=False) from exc
-        await self._audit(actor, merchant_id, token, origin, request.method, path, "sent", status)
+            await self._audit(actor, merchant_id, token, destination, method, path, "error", None)
+            raise RelayFailed(f"{type(exc).__name__} talking to {destination}", timed_out=False) from exc
+        await self._audit(actor, merchant_id, token, destination, method, path, "sent", status)
         secrets_ = [s.reveal() for s in (pan, cvc) if s is not None and s.reveal()]
         return RelayResponse(
             status_code=status,
@@ -280,19 +333,15 @@ async def _call_local(
     return int(answer["status"]), decoded, b"".join(answer["body"]).decode("utf-8", "replace")
 
 
-def _fill(template: str, values: Mapping[str, Secret[str]]) -> str:
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)].reveal(), template)
-
-
 def _scrub(text: str, secrets_: Sequence[str]) -> str:
     """The processor's answer without card data: the exact PAN, the CVC where it stands as a
-    quoted value (an echoed field; a bare number may be an amount), then anything else that looks
-    like a PAN."""
+    whole value — quoted, or a form value (an echoed field; a bare number may be an amount) — then
+    anything else that looks like a PAN."""
     for value in secrets_:
         if value not in text:
             continue  # nearly always: masking the value costs a Luhn pass for nothing
         if len(value) >= 12:
             text = text.replace(value, redact(value))
-        else:  # a quoted value, also inside an escaped JSON string (a body echoed in a body)
-            text = re.sub(rf'(?<="){re.escape(value)}(?=\\?")', "***", text)
+        else:  # quoted, also inside an escaped JSON string (a body echoed in a body), or `=…&`
+            text = re.sub(rf'(?<=["=]){re.escape(value)}(?=\\?"|&|$)', "***", text)
     return redact(text)

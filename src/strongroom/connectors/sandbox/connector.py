@@ -24,7 +24,6 @@ from strongroom.connectors.base import (
     RefundRequest,
     VoidRequest,
 )
-from strongroom.connectors.sandbox.http import AUTHORIZATIONS_PATH
 from strongroom.connectors.sandbox.processor import (
     OperationKind,
     Outcome,
@@ -32,7 +31,8 @@ from strongroom.connectors.sandbox.processor import (
     SandboxProcessor,
     declined_error,
 )
-from strongroom.vault.relay import CardFacts, CardRelay, RelayFailed, RelayRequest
+from strongroom.vault.relay import CardFacts, CardRelay, RelayCall, RelayFailed
+from strongroom.vault.templates import SANDBOX_AUTHORIZE, SANDBOX_ORIGIN
 
 if TYPE_CHECKING:
     from strongroom.connectors.base import Connector
@@ -43,17 +43,7 @@ _STATUS = {
     Outcome.REQUIRES_ACTION: AuthorizationStatus.REQUIRES_ACTION,
 }
 
-
-# The sandbox's origin as the relay knows it: a local test processor, reached in-process.
-SANDBOX_ORIGIN = "http://sandbox.internal"
-
-# Where the card data goes: the vault fills these in (digits only, so the JSON stays valid).
-_CARD_PLACEHOLDERS = {
-    "number": "{{card.number}}",
-    "cvc": "{{card.cvc}}",
-    "exp_month": "{{card.exp_month}}",
-    "exp_year": "{{card.exp_year}}",
-}
+__all__ = ["SANDBOX_ORIGIN", "SandboxConnector"]  # SANDBOX_ORIGIN: the app wires the relay with it
 
 
 class SandboxConnector:
@@ -63,7 +53,8 @@ class SandboxConnector:
         self._processor = processor
         self._relay = relay
         # In-process by default; the api's /sandbox mount when the vault runs as its own process.
-        self._authorizations_url = url.rstrip("/") + AUTHORIZATIONS_PATH
+        # The vault accepts only the endpoints its sandbox template lists.
+        self._url = url
 
     async def authorize(self, request: AuthorizeRequest) -> Authorization:
         """Through the vault's relay: this connector never sees the card number it sends. (The
@@ -82,7 +73,8 @@ class SandboxConnector:
                     livemode=request.livemode,
                 )
             )
-        body = {
+        # The non-card half of the request; the vault's template puts the card into `card.*`.
+        values = {
             "idempotency_key": request.idempotency_key,
             "merchant_id": request.merchant_id,
             "amount_minor": request.amount_minor,
@@ -90,7 +82,7 @@ class SandboxConnector:
             "capture": request.capture,
             "livemode": request.livemode,
             "authentication": request.authentication.value if request.authentication else None,
-            "card": {"token": request.card.token, **_CARD_PLACEHOLDERS},
+            "card.token": request.card.token,
         }
         try:
             response = await self._relay.send(
@@ -98,12 +90,7 @@ class SandboxConnector:
                 merchant_id=request.merchant_id,
                 token=request.card.token,
                 card=CardFacts(request.card.exp_month, request.card.exp_year),
-                request=RelayRequest(
-                    "POST",
-                    self._authorizations_url,
-                    orjson.dumps(body).decode(),
-                    {"content-type": "application/json"},
-                ),
+                call=RelayCall(SANDBOX_AUTHORIZE.id, values, base_url=self._url),
             )
         except RelayFailed as exc:
             if exc.timed_out:

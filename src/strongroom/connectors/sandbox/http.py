@@ -1,11 +1,11 @@
 """The sandbox processor's HTTP face: what the vault's relay delivers card-bearing requests to.
 
 A real processor receives the card number in its authorization request; so does the sandbox, so
-that the payment path is the same whichever processor answers: the connector builds the request
-with placeholders, the relay fills them in, and the sandbox decides by the PAN it received (a
-declined test card declines only if the relay really delivered its number). It is reached
-in-process (an ASGI app behind an httpx transport, no network), as a local test processor the
-relay is explicitly configured to allow.
+that the payment path is the same whichever processor answers: the connector names the vault's
+`sandbox.authorize` template and its non-card values, the vault builds the request with the card,
+and the sandbox decides by the PAN it received (a declined test card declines only if the relay
+really delivered its number). It is reached in-process (an ASGI app behind an httpx transport, no
+network), as a local test processor the relay is explicitly configured to allow.
 
 A bare ASGI callable, not a framework app: connectors do not depend on the web framework.
 
@@ -34,12 +34,14 @@ from strongroom.connectors.base import (
 )
 from strongroom.connectors.sandbox import cards
 from strongroom.connectors.sandbox.processor import SandboxProcessor
+from strongroom.vault.templates import SANDBOX_AUTHORIZE
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-AUTHORIZATIONS_PATH = "/v1/authorizations"
+# The vault's sandbox template says where the card-bearing request goes; this face answers there.
+AUTHORIZATIONS_PATH = SANDBOX_AUTHORIZE.path
 _MAX_BODY = 64 * 1024
 
 
