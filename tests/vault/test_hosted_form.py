@@ -20,6 +20,8 @@ from strongroom.vault import elements
 
 ORIGIN = "https://shop.example"
 VISA = "4242424242424242"
+# The form's own origin: the test settings' `public_url`, where the session's `url` points.
+FORM_ORIGIN = "http://127.0.0.1:8080"
 # What a browser sends when it loads the form into an iframe.
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 CSP = (
@@ -41,8 +43,13 @@ async def _session(api: httpx.AsyncClient, origin: str = ORIGIN) -> dict[str, An
     return body
 
 
-async def _submit(client: httpx.AsyncClient, client_secret: str, **card: str) -> httpx.Response:
-    return await client.post("/v1/elements/payment_methods", data={"client_secret": client_secret, **card})
+async def _submit(
+    client: httpx.AsyncClient, client_secret: str, origin: str | None = FORM_ORIGIN, **card: str
+) -> httpx.Response:
+    """What the form's script sends: a browser adds the page's `Origin` to every POST."""
+    headers = {"Origin": origin} if origin is not None else {}
+    data = {"client_secret": client_secret, **card}
+    return await client.post("/v1/elements/payment_methods", data=data, headers=headers)
 
 
 def _page_path(session: dict[str, Any]) -> str:

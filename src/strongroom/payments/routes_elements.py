@@ -8,23 +8,26 @@ a browser.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter
 from pydantic import StringConstraints
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from strongroom import ratelimit
 from strongroom.api import http, openapi, validate
 from strongroom.api.body import read_params
 from strongroom.api.errors import error_response
 from strongroom.auth.models import Principal
 from strongroom.errors import StrongroomError
 from strongroom.idempotency.service import NULL_RECORDER, Recorder
-from strongroom.payments import methods, views
+from strongroom.payments import card_form, methods, views
 from strongroom.payments import params as p
 from strongroom.payments.schemas import Out
 from strongroom.sensitive import Secret
@@ -123,18 +126,40 @@ for _name in elements.STATIC_TYPES:
 
 @router.post("/v1/elements/payment_methods", include_in_schema=False)
 async def submit_card(request: Request) -> Response:
-    """The card from the iframe. No Idempotency-Key: the form sends one request at a time."""
+    """The card from the iframe. No Idempotency-Key: the form sends one request at a time, and
+    the session is used up by the payment method it creates."""
     headers = elements.security_headers(None)
+    svc = http.services(request)
+    limits = svc.settings.ratelimit
     try:
+        # PCI DSS 6.4.2 (SECURITY.md P10): before any work, and whether or not the secret is good.
+        per_ip = ratelimit.Limit(limits.card_form_per_ip, limits.card_form_per_ip_window_s)
+        await ratelimit.check(svc.limiter, f"card_form:ip:{ratelimit.client_ip(request)}", per_ip)
         params = validate.parse(CardSubmit, await read_params(request))
         session = _sealer(request).open(params.client_secret)
         if session.expired(time.time()):
             raise elements.expired_error()
-        principal = Principal(merchant_id=session.merchant_id, livemode=session.livemode, key_id=session.id)
-        create = p.PaymentMethodCreate(type="card", card=params.card, billing_details=params.billing_details)
-        svc = http.services(request)
-        async with svc.db.tx() as conn:
-            row = await methods.create(conn, svc.payments.vault, principal, create, NULL_RECORDER)
+        elements.check_submitter(
+            session,
+            elements.origin_of(svc.payments.public_url),
+            request.headers.get("origin"),
+            request.headers.get("referer"),
+        )
+        per_session = ratelimit.Limit(limits.card_form_per_session, elements.SESSION_TTL_S)
+        await ratelimit.check(svc.limiter, f"card_form:session:{session.id}", per_session)
+        row = await _create(svc, session, params)
+    except ratelimit.Exceeded as exc:
+        return error_response(exc, {**headers, **exc.headers()})
     except StrongroomError as exc:
         return error_response(exc, headers)
     return http.json_response(orjson.dumps(views.payment_method(row)), headers=headers)
+
+
+async def _create(svc: http.Services, session: elements.Session, params: CardSubmit) -> RowMapping:
+    principal = Principal(merchant_id=session.merchant_id, livemode=session.livemode, key_id=session.id)
+    create = p.PaymentMethodCreate(type="card", card=params.card, billing_details=params.billing_details)
+    expires_at = dt.datetime.fromtimestamp(session.expires_at, dt.UTC)
+    max_uses = svc.settings.card_form.session_max_uses
+    async with svc.db.tx() as conn:
+        await card_form.claim_use(conn, session.merchant_id, session.id, expires_at, max_uses)
+        return await methods.create(conn, svc.payments.vault, principal, create, NULL_RECORDER)

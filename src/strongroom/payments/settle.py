@@ -243,7 +243,13 @@ async def authenticate(ctx: PaymentsContext, merchant_id: str, intent_id: str, t
     async with ctx.db.tx() as conn:
         intent = await load(conn, payment_intents, principal, intent_id, "payment_intent", for_update=True)
         expected = intent["authentication_token"]
-        if intent["status"] != S.REQUIRES_ACTION or expected is None or not hmac.compare_digest(expected, token):
+        # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, so a 500).
+        given = token.encode("utf-8", "surrogatepass")
+        if (
+            intent["status"] != S.REQUIRES_ACTION
+            or expected is None
+            or not hmac.compare_digest(expected.encode(), given)
+        ):
             raise ResourceMissing("payment_intent", intent_id)
         if succeeded:
             pm = await load(conn, payment_methods, principal, intent["payment_method_id"], "payment_method")

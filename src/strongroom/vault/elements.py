@@ -5,10 +5,12 @@ the form. The customer's browser loads the form from the vault in an iframe and 
 the vault itself, authorized by the session's client secret: the card never touches the embedding
 page, which receives only the payment method's id through `postMessage` (PCI DSS SAQ A scope).
 
-Sessions are stateless: the client secret is the session sealed with AES-256-GCM under a key
-derived from a configured server secret, its id as additional data. Nothing is stored, so nothing
-needs purging, and any API process can check a session. The cost is that a session cannot be
-revoked, only outlived, so its lifetime is short (`SESSION_TTL_S`).
+The client secret is the session sealed with AES-256-GCM under a key derived from a configured
+server secret, its id as additional data, so any API process can open it without a lookup. What
+a session has been used for is stored, though: it creates at most `card_form.session_max_uses`
+payment methods (one by default), so a client secret copied off the merchant's page is no tool
+for testing stolen cards. A submission must also come from the form itself or from the origin
+the merchant named (`Origin`, else `Referer`), and it is rate limited per IP and per session.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import secrets
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from urllib.parse import urlsplit
 
 import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from strongroom.errors import AuthenticationFailed, InvalidRequest
+from strongroom.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from strongroom.ids import random_part
 from strongroom.sensitive import Secret
 
@@ -118,6 +121,32 @@ def allowed_origin(value: str, *, livemode: bool) -> str:
     if livemode and match.group(1) != "https" and match.group(2) not in _LOOPBACK_HOSTS:
         raise InvalidRequest("allowed_origin must use https in live mode.", param="allowed_origin")
     return value
+
+
+def origin_of(url: str) -> str | None:
+    """The serialized origin (RFC 6454 §6.2) of an absolute http(s) URL; None for anything else."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    default_port = 443 if parts.scheme == "https" else 80
+    suffix = f":{port}" if port is not None and port != default_port else ""
+    return f"{parts.scheme}://{parts.hostname}{suffix}"
+
+
+def check_submitter(session: Session, form_origin: str | None, origin: str | None, referer: str | None) -> None:
+    """A submission must come from the form's own page (its script posts same-origin) or from the
+    origin the merchant named. Browsers send `Origin` on every POST; `Referer` stands in where a
+    proxy stripped it. Neither, or `Origin: null` (a sandboxed or privacy-redirected page), is
+    refused: a page elsewhere must not be able to drive a customer's browser through the form."""
+    sent = origin_of(origin) if origin is not None else origin_of(referer) if referer is not None else None
+    if sent is None or sent not in (form_origin, session.allowed_origin):
+        raise PermissionDenied(
+            "This card form accepts cards only from its own page.", code="elements_origin_not_allowed"
+        )
 
 
 def security_headers(frame_origin: str | None) -> dict[str, str]:
