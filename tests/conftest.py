@@ -63,6 +63,9 @@ def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settin
     # The race tests send up to 200 requests at once to one in-process app: they test the
     # database's concurrency, so admission control (tests/api/test_admission.py) stays out of it.
     overrides.setdefault("http", {"max_inflight": 1000})
+    # The session's app serves every test from one client address: rate limits are tested with
+    # apps of their own (tests/vault/test_card_form_abuse.py), and stay out of the others' way.
+    overrides.setdefault("ratelimit", {"card_form_per_ip": 10**6, "threeds_per_ip": 10**6, "threeds_per_intent": 10**6})
     return Settings(data_dir=data_dir, database_url=database_url, **overrides)
 
 

@@ -38,7 +38,6 @@ NO_MERCHANT_DATA = {
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
-    ("GET", "/docs/oauth2-redirect"),
 }
 # The customer's 3-D Secure page (test mode): a static form that reads no object (checked below).
 STATIC_PAGES = {("GET", "/v1/sandbox/3ds/{merchant_id}/{intent_id}")}
@@ -400,8 +399,11 @@ async def test_card_form_submission_acts_for_the_sessions_merchant_only(world):
     before = await world.snapshot(include_b_methods=False)
     session = await _post(world.b, "/v1/elements/sessions", allowed_origin="https://shop.example")
     card = {**TOKEN_PARAMS, "card[number]": "4000056655665556"}
-    # Sent with A's API key: the form is authorized by the session alone.
-    pm = await _post(world.a, "/v1/elements/payment_methods", client_secret=session["client_secret"], **card)
+    # Sent with A's API key: the form is authorized by the session alone (and its page's origin).
+    data = {"client_secret": session["client_secret"], **card}
+    response = await world.a.post("/v1/elements/payment_methods", data=data, headers={"Origin": "https://shop.example"})
+    assert response.status_code == 200, response.text
+    pm = response.json()
     assert (await world.b.get(f"/v1/payment_methods/{pm['id']}")).status_code == 200
     assert (await world.a.get(f"/v1/payment_methods/{pm['id']}")).status_code == 404
     assert await world.snapshot(include_b_methods=False) == before

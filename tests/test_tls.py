@@ -287,6 +287,24 @@ def test_p8_tls12_policy_refuses_rsa_key_exchange_even_with_an_rsa_certificate(t
         listener.close()
 
 
+def test_p8_pci_4_2_1_tls_listener_sends_hsts_on_every_kind_of_response(default_server: TlsServer) -> None:
+    """RFC 6797: Strict-Transport-Security from the TLS listener (two years, subdomains), on
+    answers, refusals and unknown paths alike, beside no-store and nosniff."""
+    with httpx.Client(base_url=default_server.url, verify=default_server.client_context()) as client:
+        key = {"Authorization": f"Bearer {default_server.secret_key}"}
+        responses = [
+            client.get("/v1/customers", headers=key),
+            client.get("/v1/customers"),
+            client.get("/no/such/path", headers=key),
+            client.get("/healthz"),
+        ]
+    assert [r.status_code for r in responses] == [200, 401, 404, 200]
+    for response in responses:
+        assert response.headers["strict-transport-security"] == "max-age=63072000; includeSubDomains"
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+
 def test_tls_server_publishes_https_urls(default_server: TlsServer) -> None:
     """PUBLIC_URL follows the listener: the 3-D Secure redirect a customer follows is https."""
     with httpx.Client(

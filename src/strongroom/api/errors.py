@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match
 
+from strongroom.api import headers as security_headers
 from strongroom.errors import Overloaded, StrongroomError
 from strongroom.redact import redact, redact_value
 
@@ -101,4 +102,7 @@ def install(app: FastAPI) -> None:
         incident = "inc_" + secrets.token_hex(8)
         log.error("request.failed", incident=incident, path=request.url.path, error_type=type(exc).__name__)
         body = {"error": {"type": "api_error", "message": f"An unexpected error occurred ({incident})."}}
-        return Response(orjson.dumps(body), 500, media_type="application/json")
+        # Starlette sends this from its outermost layer, outside the app's middleware: the
+        # security headers are added here.
+        headers = security_headers.for_scheme(request.url.scheme)
+        return Response(orjson.dumps(body), 500, headers=headers, media_type="application/json")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import os
 import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -36,6 +38,22 @@ def sqlite_url_for(path: str) -> str:
     return f"sqlite+aiosqlite:///{path}"
 
 
+def private_sqlite_file(url: str) -> None:
+    """An SQLite database file readable by its owner only (0600), created so before SQLite opens
+    it: SQLite gives its `-wal` and `-shm` files the database file's permissions, whatever the
+    umask. A file already there with wider permissions is narrowed, its `-wal`/`-shm` too."""
+    parsed = make_url(url)
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
+        return
+    with contextlib.suppress(FileExistsError, FileNotFoundError):  # no directory: SQLite says so
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+
+
 class Database:
     """Owns the engine. One transaction per unit of work: `async with db.tx() as conn`."""
 
@@ -59,6 +77,7 @@ class Database:
             "json_deserializer": orjson.loads,
         }
         if self.is_sqlite:
+            private_sqlite_file(url)
             # One file shared by many connections: WAL lets readers run beside the single
             # writer, and busy_timeout makes a second writer wait instead of failing.
             kwargs["connect_args"] = {"timeout": 30}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from strongroom.errors import InvalidRequest, ResourceMissing, StrongroomError
 from strongroom.sensitive import Secret
 from strongroom.vault import channel
-from strongroom.vault.relay import CardFacts, RelayFailed, RelayRefused, RelayRequest, RelayResponse
+from strongroom.vault.relay import CardFacts, RelayCall, RelayFailed, RelayRefused, RelayResponse, TemplateRefused
 from strongroom.vault.service import StoredCard
 
 CARDS_PATH = "/internal/v1/cards"
@@ -58,7 +59,20 @@ class _Channel:
 
 
 class RemoteVault:
-    def __init__(self, base_url: str, secret: Secret[bytes], *, timeout_s: float = 10.0, verify: Any = True) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        secret: Secret[bytes],
+        *,
+        timeout_s: float = 10.0,
+        verify: Any = True,
+        allow_http: bool = False,
+    ) -> None:
+        """`allow_http`: development only. Card numbers cross this channel, so outside development
+        it is TLS or nothing (PCI DSS 4.2.1)."""
+        scheme = urlsplit(base_url).scheme.lower()
+        if scheme != "https" and not (allow_http and scheme == "http"):
+            raise ValueError(f"the vault service URL must use https, not {scheme or 'no scheme'}")
         self._channel = _Channel(base_url, secret, timeout_s=timeout_s, verify=verify)
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -104,22 +118,25 @@ class RemoteRelay:
         self._channel = remote.channel
 
     async def send(
-        self, *, actor: str, merchant_id: str, token: str, card: CardFacts, request: RelayRequest
+        self, *, actor: str, merchant_id: str, token: str, card: CardFacts, call: RelayCall
     ) -> RelayResponse:
+        """The call as it is: the vault checks it against its own template, as in-process."""
         payload = {
             "actor": actor,
             "merchant_id": merchant_id,
             "token": token,
             "exp_month": card.exp_month,
             "exp_year": card.exp_year,
-            "request": {"method": request.method, "url": request.url, "body": request.body, "headers": request.headers},
+            "call": call.as_wire(),
         }
         try:
             response = await self._channel.post(RELAY_PATH, payload)
         except VaultUnavailable as exc:
             raise RelayFailed(str(exc), timed_out=False) from exc
         if response.status_code == 403:
-            raise RelayRefused(_message(response))
+            code = _error_field(response, "code")
+            refused = TemplateRefused if code == TemplateRefused.default_code else RelayRefused
+            raise refused(_message(response), param=_error_field(response, "param"))
         if response.status_code == 404:
             raise ResourceMissing("card", token, param=None)
         if response.status_code in (502, 504):
@@ -136,6 +153,14 @@ def _json(response: httpx.Response, expected: int) -> dict[str, Any]:
         raise VaultUnavailable(f"vault service answered {response.status_code}: {_message(response)}")
     data: dict[str, Any] = orjson.loads(response.content)
     return data
+
+
+def _error_field(response: httpx.Response, name: str) -> str | None:
+    try:
+        value = orjson.loads(response.content)["error"].get(name)
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None
+    return str(value)[:100] if value is not None else None
 
 
 def _message(response: httpx.Response) -> str:
