@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import os
 import secrets
+import signal
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -21,22 +23,30 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from strongroom import __version__
-from strongroom.api import direct, http, openapi
+from strongroom import __version__, ratelimit
+from strongroom.api import direct, docs, headers, http, openapi
 from strongroom.api import errors as api_errors
+from strongroom.api.auth import log_failed_authentication
 from strongroom.api.errors import error_response
 from strongroom.api.http import Services
 from strongroom.auth.service import KeyHasher, PrincipalCache
-from strongroom.background import every
 from strongroom.connectors.routing import Router
 from strongroom.connectors.sandbox import SandboxConnector, SandboxProcessor
 from strongroom.connectors.sandbox.connector import SANDBOX_ORIGIN
 from strongroom.connectors.sandbox.http import SandboxHttp
-from strongroom.errors import Overloaded
+from strongroom.errors import AuthenticationFailed, Overloaded
 from strongroom.events import routes as event_routes
 from strongroom.idempotency import service as idempotency
 from strongroom.ledger import routes as ledger_routes
-from strongroom.payments import recovery, routes, routes_customers, routes_elements, routes_sandbox, routes_tokens
+from strongroom.payments import (
+    recovery,
+    retention,
+    routes,
+    routes_customers,
+    routes_elements,
+    routes_sandbox,
+    routes_tokens,
+)
 from strongroom.payments.context import PaymentsContext
 from strongroom.sensitive import Secret
 from strongroom.settings import Settings
@@ -48,6 +58,7 @@ from strongroom.vault.keystore import open_keystore
 from strongroom.vault.relay import Allowlist, CardRelay, Relay
 from strongroom.vault.remote import RemoteRelay, RemoteVault
 from strongroom.vault.service import CvcCache, Vault
+from strongroom.worker.runner import Periodic, Worker
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +116,7 @@ def build_services(settings: Settings, db: Database, public_url: str) -> Service
         sandbox=sandbox,
         principals=PrincipalCache(settings.auth.key_cache_ttl_s),
         relay=relay,
+        limiter=ratelimit.build(settings),
     )
 
 
@@ -117,7 +129,13 @@ def _vault_and_relay(settings: Settings, db: Database, sandbox: SandboxProcessor
         secret = Secret(settings.vault.service_secret.get_secret_value().encode())
         ca = settings.vault.tls_ca_file
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca else True
-        remote = RemoteVault(settings.vault.url, secret, timeout_s=settings.payments.processor_timeout_s, verify=verify)
+        remote = RemoteVault(
+            settings.vault.url,
+            secret,
+            timeout_s=settings.payments.processor_timeout_s,
+            verify=verify,
+            allow_http=settings.development,
+        )
         return remote, RemoteRelay(remote)
     cvcs = CvcCache(settings.vault.cvc_ttl_s, settings.vault.cvc_cache_max)
     vault = Vault(db, open_keystore(settings), cvcs, settings.vault)
@@ -160,61 +178,105 @@ def _tune_gc() -> None:
     gc.set_threshold(*_GC_THRESHOLDS)
 
 
+def _runs_worker_in_process(settings: Settings) -> bool:
+    configured = settings.worker.in_process
+    return settings.development if configured is None else configured
+
+
+def periodic_jobs(settings: Settings, services: Services) -> list[Periodic]:
+    """The system's periodic jobs, run by whichever worker leases each (`strongroom worker`, or
+    the api process itself on the embedded default)."""
+    ctx = services.payments
+    db = services.db
+    idem = settings.idempotency
+    # PCI DSS 3.2.1: unused tokens, orphaned cards and expired card-form sessions.
+    purge = retention.Purge(db, settings.retention, vault_in_process=isinstance(ctx.vault, Vault))
+    jobs = [
+        Periodic("recovery", settings.payments.recovery_interval_s, lambda: recovery.sweep(ctx)),
+        Periodic(
+            "idempotency_purge",
+            idem.purge_interval_s,
+            lambda: idempotency.purge_expired(db, ttl_s=idem.ttl_s, batch=idem.purge_batch),
+        ),
+        Periodic("retention_purge", settings.retention.purge_interval_s, purge.run),
+    ]
+    vault = ctx.vault
+    if settings.vault.rotation_enabled and isinstance(vault, Vault):
+        # PCI DSS 3.7.4 (SECURITY.md P6): the KEK is rotated when its crypto-period ends.
+        vault_settings = settings.vault
+        rotate = Periodic(
+            "key_rotation", vault_settings.rotation_interval_s, lambda: rotation.tick(vault, vault_settings)
+        )
+        jobs.append(rotate)
+    return jobs
+
+
+def open_database(settings: Settings) -> Database:
+    return Database(
+        settings.effective_database_url,
+        pool_size=settings.database.pool_size,
+        pool_timeout_s=settings.database.pool_timeout_s,
+        raw_pool_size=settings.database.raw_pool_size,
+        read_gather_turns=settings.database.group_commit_gather_turns,
+        flush_max_wait_s=settings.database.flush_max_wait_s,
+    )
+
+
+async def close_services(services: Services) -> None:
+    await services.limiter.aclose()
+    if services.relay is not None:
+        await services.relay.aclose()
+    vault = services.payments.vault
+    if isinstance(vault, RemoteVault):
+        await vault.aclose()
+    vault.close()
+    await services.db.dispose()
+
+
+async def run_worker(settings: Settings, *, once: bool = False) -> int:
+    """`strongroom worker`: the periodic jobs until SIGTERM or SIGINT (or one batch with `once`);
+    the number of jobs run."""
+    services = build_services(settings, open_database(settings), settings.public_url)
+    worker = Worker(services.db, settings.worker, periodic=periodic_jobs(settings, services))
+    try:
+        if isinstance(services.payments.vault, Vault):
+            await services.payments.vault.keys.warm()
+        await worker.register()
+        if once:
+            return await worker.run_once()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        log.info("worker.started", owner=worker.owner)
+        worker.start()
+        await stopping.wait()
+        await worker.stop()
+        log.info("worker.stopped", owner=worker.owner)
+        return 0
+    finally:
+        await close_services(services)
+
+
 def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
     public_url = settings.public_url
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(
-            settings.effective_database_url,
-            pool_size=settings.database.pool_size,
-            pool_timeout_s=settings.database.pool_timeout_s,
-            raw_pool_size=settings.database.raw_pool_size,
-            read_gather_turns=settings.database.group_commit_gather_turns,
-            flush_max_wait_s=settings.database.flush_max_wait_s,
-        )
+        db = open_database(settings)
         app.state.services = build_services(settings, db, public_url)
         if isinstance(app.state.services.payments.vault, Vault):
             await app.state.services.payments.vault.keys.warm()
-        tasks = []
-        if background:
-            ctx = app.state.services.payments
-            idem = settings.idempotency
-            tasks = [
-                asyncio.create_task(
-                    every(settings.payments.recovery_interval_s, "recovery", lambda: recovery.sweep(ctx))
-                ),
-                asyncio.create_task(
-                    every(
-                        3600,
-                        "idempotency_purge",
-                        lambda: idempotency.purge_expired(db, ttl_s=idem.ttl_s, batch=idem.purge_batch),
-                    )
-                ),
-            ]
-            if settings.vault.rotation_enabled and isinstance(ctx.vault, Vault):
-                # PCI DSS 3.7.4 (SECURITY.md P6): the KEK is rotated when its crypto-period ends.
-                vault_settings = settings.vault
-                tasks.append(
-                    asyncio.create_task(
-                        every(
-                            vault_settings.rotation_interval_s,
-                            "key_rotation",
-                            lambda: rotation.tick(ctx.vault, vault_settings),
-                        )
-                    )
-                )
+        worker = None
+        if background and _runs_worker_in_process(settings):
+            worker = Worker(db, settings.worker, periodic=periodic_jobs(settings, app.state.services))
+            worker.start()
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            if app.state.services.relay is not None:
-                await app.state.services.relay.aclose()
-            if isinstance(app.state.services.payments.vault, RemoteVault):
-                await app.state.services.payments.vault.aclose()
-            app.state.services.payments.vault.close()
-            await db.dispose()
+            if worker is not None:
+                await worker.stop()
+            await close_services(app.state.services)
 
     app = FastAPI(
         title="Strongroom",
@@ -222,7 +284,7 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
         description="Stripe-compatible payments API",
         lifespan=lifespan,
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,  # FastAPI's loads swagger-ui from a CDN: api.docs serves our own
         redoc_url=None,
     )
     api_errors.install(app)
@@ -243,6 +305,9 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
         app.mount("/sandbox", _sandbox_endpoint)
     _operational(app, settings, direct.table(routers))
     openapi.install(app)
+    docs_enabled = settings.http.docs_enabled
+    if docs_enabled or (docs_enabled is None and settings.development):
+        docs.install(app)
     return app
 
 
@@ -254,6 +319,7 @@ def _operational(app: FastAPI, settings: Settings, direct_routes: dict[tuple[str
     app.add_middleware(direct.Direct, routes=direct_routes)  # innermost: inside metrics and admission
     app.add_middleware(_Admission, max_inflight=settings.http.max_inflight)
     app.add_middleware(_Observe)
+    app.add_middleware(headers.SecurityHeaders)  # outermost: shed requests get them too
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:
@@ -268,8 +334,19 @@ def _operational(app: FastAPI, settings: Settings, direct_routes: dict[tuple[str
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    token = settings.http.metrics_token
+    if token is None and not settings.development:
+        return  # production without a token: /metrics is not served at all
+    expected = b"Bearer " + token.get_secret_value().encode() if token is not None else None
+
     @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if expected is not None:
+            presented = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(presented, expected):
+                failed = AuthenticationFailed("Invalid metrics token.")
+                log_failed_authentication(request, None, failed, kind="metrics", reason="invalid_token")
+                return error_response(failed)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

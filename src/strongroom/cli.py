@@ -35,10 +35,27 @@ app.add_typer(certs_app, name="certs")
 app.command("bench")(bench)
 sandbox_app = typer.Typer(no_args_is_help=True, help="The built-in sandbox processor")
 app.add_typer(sandbox_app, name="sandbox")
+worker_app = typer.Typer(help="Background jobs, leased so that each runs once across workers")
+app.add_typer(worker_app, name="worker")
 vault_app = typer.Typer(no_args_is_help=True, help="The card vault as its own process")
 app.add_typer(vault_app, name="vault")
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default .strongroom)")]
+BehindTlsProxy = Annotated[
+    bool,
+    typer.Option("--behind-tls-proxy", help="TLS ends at a proxy in front: listen in plain HTTP outside development"),
+]
+
+
+def _refuse_plain_http(settings: Settings, policy: tls.TlsPolicy | None, behind_tls_proxy: bool) -> None:
+    """PCI DSS 4.2.1: outside development a listener speaks TLS, or is told that TLS ends in front."""
+    if policy is None and not (settings.development or behind_tls_proxy or settings.http.behind_tls_proxy):
+        typer.echo(
+            "error: outside development the server listens with TLS only: give --tls-cert and --tls-key, "
+            "or --behind-tls-proxy (STRONGROOM_HTTP__BEHIND_TLS_PROXY) when TLS ends at a proxy in front",
+            err=True,
+        )
+        raise typer.Exit(2)
 
 
 def _settings(data_dir: Path | None) -> Settings:
@@ -97,6 +114,50 @@ def migrate(data_dir: DataDir = None) -> None:
     typer.echo("migrations applied")
 
 
+@worker_app.callback(invoke_without_command=True)
+def worker(
+    ctx: typer.Context,
+    data_dir: DataDir = None,
+    once: Annotated[bool, typer.Option("--once", help="Run the jobs due now, then exit")] = False,
+) -> None:
+    """Run background jobs (recovery of unknown outcomes, purges, key rotation) until SIGTERM.
+    Any number may run: each job is leased to one of them at a time."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from strongroom.app import run_worker
+
+    settings = _settings(data_dir)
+    if settings.database_url is None:
+        upgrade(settings.effective_database_url)
+    ran = asyncio.run(run_worker(settings, once=once))
+    if once:
+        typer.echo(f"{ran} jobs run")
+
+
+@worker_app.command("status")
+def worker_status(data_dir: DataDir = None) -> None:
+    """Each job: state, next run, runs, failed attempts and the last error."""
+    from strongroom.worker import service as jobs
+
+    settings = _settings(data_dir)
+    if settings.database_url is None:
+        upgrade(settings.effective_database_url)
+
+    async def listing() -> list[jobs.Job]:
+        db = Database(settings.effective_database_url)
+        try:
+            async with db.read() as conn:
+                return await jobs.listing(conn)
+        finally:
+            await db.dispose()
+
+    for job in asyncio.run(listing()):
+        every = f"every {job.interval_s:g}s" if job.interval_s is not None else "once"
+        line = f"{job.kind:<20} {job.state.value:<10} {every:<14} next {job.run_at:%Y-%m-%d %H:%M:%S}Z"
+        line += f" runs {job.runs} failed attempts {job.attempts}"
+        typer.echo(line + (f" last error: {job.last_error}" if job.last_error else ""))
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
@@ -105,9 +166,11 @@ def serve(
     workers: Annotated[int, typer.Option(help="Worker processes")] = 1,
     tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="TLS certificate chain (PEM)")] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="TLS private key (PEM)")] = None,
+    behind_tls_proxy: BehindTlsProxy = False,
 ) -> None:
     """Run the API server (SQLite, development keystore and sandbox processor by default).
-    With --tls-cert and --tls-key it speaks TLS only: 1.3 unless http.tls_min_version is "1.2"."""
+    With --tls-cert and --tls-key it speaks TLS only: 1.3 unless http.tls_min_version is "1.2".
+    Outside development (STRONGROOM_DEVELOPMENT=false) it needs TLS or --behind-tls-proxy."""
     import os
 
     settings = _settings(data_dir)
@@ -117,16 +180,21 @@ def serve(
     except tls.TlsConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    _refuse_plain_http(settings, policy, behind_tls_proxy)
     scheme = "https" if policy is not None else "http"
     if settings.database_url is None:
         upgrade(settings.effective_database_url)  # the embedded default migrates itself
-    if not asyncio.run(_has_merchant(settings)):
+    # Production creates no merchant by itself: an operator does, with `merchants create`.
+    if settings.development and not asyncio.run(_has_merchant(settings)):
         merchant = asyncio.run(_create_merchant(settings, "Test merchant"))
         typer.echo(f"Created test merchant {merchant.id}.")
         typer.echo(f"Its test secret key (shown once, store it now): {merchant.secret_key}")
     # Worker processes rebuild settings from the environment: pin the data dir and public URL there.
     os.environ["STRONGROOM_DATA_DIR"] = str(settings.data_dir.resolve())
-    os.environ["STRONGROOM_PUBLIC_URL"] = f"{scheme}://{host}:{port}"
+    # The address clients reach (3-D Secure and card-form links) is the configured one; the bind
+    # address only stands in when none is configured.
+    if "public_url" not in settings.model_fields_set:
+        os.environ["STRONGROOM_PUBLIC_URL"] = f"{scheme}://{host}:{port}"
     typer.echo(f"Strongroom listening on {scheme}://{host}:{port}")
     _run_server("strongroom.app:app_from_environment", host, port, workers, settings, policy)
 
@@ -290,6 +358,7 @@ def vault_serve(
     data_dir: DataDir = None,
     tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="TLS certificate chain (PEM)")] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="TLS private key (PEM)")] = None,
+    behind_tls_proxy: BehindTlsProxy = False,
 ) -> None:
     """Run the vault (the cardholder-data environment) as its own process, for an api configured
     with STRONGROOM_VAULT__URL. Needs STRONGROOM_VAULT__SERVICE_SECRET (shared with the api);
@@ -305,6 +374,7 @@ def vault_serve(
     except tls.TlsConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    _refuse_plain_http(settings, policy, behind_tls_proxy)
     vault_database = settings.vault.database_url or settings.effective_database_url
     upgrade(vault_database)  # its own database: the vault migrates it itself
     os.environ["STRONGROOM_DATA_DIR"] = str(settings.data_dir.resolve())

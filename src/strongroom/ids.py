@@ -55,6 +55,7 @@ PREFIXES = {
     "api_key": "key_",
     "card": "card_",
     "reconciliation": "recon_",
+    "job": "job_",
 }
 
 

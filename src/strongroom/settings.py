@@ -28,29 +28,24 @@ class DatabaseSettings(BaseModel):
     # How long a request waits for a pooled connection: before it began, it is then shed with a
     # 503; after, it answers 500 outcome_unknown. Long, because admission control
     # (http.max_inflight) sheds excess at the door: an admitted request should finish, slowly if
-    # need be. Measured at a 10x surge: with 5 s, two admitted payments were cut off (500); with
-    # 30 s none, and the slowest answer took 12.7 s.
+    # need be.
     pool_timeout_s: float = Field(default=30.0, gt=0)
     # Most payments whose final writes share one transaction (store.group); 1 turns grouping off.
     group_commit_max: int = Field(default=64, ge=1)
-    # Group transactions in flight at once per process. One is fastest (measured, 2 workers x 32
-    # clients: 274 payments/s with one, 254 with two, 193 with four): while it writes, the next
-    # batch gathers, and larger batches cost less per payment.
+    # Group transactions in flight at once per lane and process. One is fastest: while it writes,
+    # the next batch gathers, and larger batches cost less per payment.
     group_commit_writers: int = Field(default=1, ge=1)
     # Event-loop turns a group-commit writer lets pass before it takes its next batch, so that
     # requests about to commit join it; the same for lookups by key (store.reads: those arriving
     # within these turns are one statement). Costs no timed wait: at low load a turn is
-    # microseconds; under load each turn runs other requests' work. Measured for commits, 2
-    # workers x 32 clients (wrk, 10 s; payments/s): 0 turns 965-986, 2: 1023-1030, 4: 1097-1140,
-    # 6: 1101, 8: 1091-1103; a timed 1 ms wait instead: 1092-1100, 2 ms: 1016-1041
-    # (latency-bound). Lookups gathered too: 1445-1480. 0 turns both off.
+    # microseconds; under load each turn runs other requests' work. 4 is where larger values
+    # stopped paying (docs/performance.md). 0 turns both off.
     group_commit_gather_turns: int = Field(default=4, ge=0)
     # With gathering on: group commit's and group reads' statements go one at a time per worker,
     # the fullest lane first, so a worker's requests move through their statements together
     # (store.flush). A lane whose first unit has waited this long goes next whatever its size,
     # and a statement is waited for this long before the next may start beside it. 0: a writer
-    # per lane, as before. Measured, 2 workers x 32 clients (wrk, 8 s; payments/s): off
-    # 2243/2083/1946, 2 ms 2534, 4 ms 2547/2517, 8 ms 2390.
+    # per lane.
     flush_max_wait_s: float = Field(default=0.002, ge=0)
 
 
@@ -64,6 +59,7 @@ class IdempotencySettings(BaseModel):
     require_key: bool = False
     key_max_length: int = 255
     purge_batch: int = Field(default=1000, ge=1)
+    purge_interval_s: float = Field(default=3600.0, gt=0)
 
 
 class PaymentsSettings(BaseModel):
@@ -143,15 +139,73 @@ class HttpSettings(BaseModel):
     max_body_bytes: int = 256 * 1024
     page_limit_max: int = 100
     # Admission control: API requests in flight per worker process beyond which new ones are
-    # shed at once with 503 + Retry-After, instead of queueing until they time out. (48 was tried:
-    # a closed-loop client that ignores Retry-After then keeps a worker busy shedding, 29
-    # payments/s at 128 clients against 207 with 128.)
+    # shed at once with 503 + Retry-After, instead of queueing until they time out. Not much
+    # lower: a closed-loop client that ignores Retry-After would keep a worker busy shedding.
     max_inflight: int = Field(default=128, ge=1)
     # PCI DSS 4.2.1: `strongroom serve` with a certificate and key listens with TLS only. The floor
     # is TLS 1.3; "1.2" admits TLS 1.2 clients, then with ECDHE + AEAD suites only.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_min_version: Literal["1.3", "1.2"] = "1.3"
+    # TLS ends at a proxy in front of this server: outside development, `serve` and `vault serve`
+    # listen in plain HTTP only when this (or --behind-tls-proxy) says so.
+    behind_tls_proxy: bool = False
+    # Bearer token for /metrics, compared in constant time. Outside development /metrics is not
+    # served without one; in development it is open unless one is set.
+    metrics_token: SecretStr | None = None
+    # The API reference page at /docs (script-free, sandboxed). None: on in development only.
+    docs_enabled: bool | None = None
+
+
+class CardFormSettings(BaseModel):
+    # Payment methods one hosted card-form session may create (issue 17: a leaked client secret
+    # must not be a card-testing tool). A refused card does not use one up.
+    session_max_uses: int = Field(default=1, ge=1, le=10)
+
+
+class RateLimitSettings(BaseModel):
+    """PCI DSS 6.4.1/6.4.2 (SECURITY.md P10): the public, keyless endpoints (the card form's
+    submission, the 3-D Secure completion) are limited per client IP and per session. Counters
+    live in Redis when `redis_url` is set (shared by every process), else in this process."""
+
+    key_prefix: str = "strongroom:rl:"
+    # The in-process backend forgets the oldest counters beyond this many.
+    memory_max_keys: int = Field(default=100_000, ge=1)
+    card_form_per_ip: int = Field(default=30, ge=1)
+    card_form_per_ip_window_s: int = Field(default=60, ge=1)
+    # Attempts (accepted or refused cards) per card-form session over its lifetime.
+    card_form_per_session: int = Field(default=10, ge=1)
+    threeds_per_ip: int = Field(default=30, ge=1)
+    threeds_per_ip_window_s: int = Field(default=60, ge=1)
+    threeds_per_intent: int = Field(default=10, ge=1)
+    threeds_per_intent_window_s: int = Field(default=900, ge=1)
+
+
+class RetentionSettings(BaseModel):
+    """PCI DSS 3.2.1: card data is kept only as long as it is needed. Unused `tok_` tokens are
+    purged after `token_ttl_s`; vault cards nothing references (an unused token's, a payment
+    method whose creation failed after the card was stored) after `orphan_card_grace_s`, which
+    is longer than any request storing a card and referencing it can take."""
+
+    token_ttl_s: int = Field(default=3600, ge=60)
+    orphan_card_grace_s: int = Field(default=7200, ge=600)
+    purge_interval_s: float = Field(default=600.0, gt=0)
+    purge_batch: int = Field(default=500, ge=1, le=10_000)
+
+
+class WorkerSettings(BaseModel):
+    """`strongroom worker`: jobs leased from the jobs table (worker.service)."""
+
+    poll_interval_s: float = Field(1.0, gt=0)  # how often an idle worker looks for due jobs
+    batch_max: int = Field(10, ge=1, le=1000)  # jobs leased per look
+    # A leased job not finished by then is taken by another worker; a run is cut off at this.
+    lease_s: float = Field(60.0, gt=0)
+    retry_base_s: float = Field(1.0, gt=0)  # a failed run waits base * 2^(attempts-1), jittered
+    retry_max_s: float = Field(3600.0, gt=0)
+    max_attempts: int = Field(20, ge=1)  # a one-off job failing this often stops as `failed`
+    # Each api process also runs a worker. None: in development only (the embedded default needs
+    # no second process); production runs `strongroom worker` instead.
+    in_process: bool | None = None
 
 
 class Settings(BaseSettings):
@@ -176,6 +230,10 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     vault: VaultSettings = VaultSettings()
     http: HttpSettings = HttpSettings()
+    card_form: CardFormSettings = CardFormSettings()
+    ratelimit: RateLimitSettings = RateLimitSettings()
+    retention: RetentionSettings = RetentionSettings()
+    worker: WorkerSettings = WorkerSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -10,15 +10,16 @@ processors. Key rotation runs here, on its schedule.
     POST /internal/v1/cards              {merchant_id, number, cvc?}  → {token, fingerprint}
     POST /internal/v1/cards/discard_cvc  {merchant_id, token}         → 204
     POST /internal/v1/relay              {actor, merchant_id, token, exp_month, exp_year,
-                                          request: {method, url, body, headers}}
+                                          call: {template, values, headers, base_url}}
                                          → {status_code, body, headers} (card data redacted)
+                                         403 {error: {message, code, param}}: refused, audited
     GET  /healthz
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,7 +30,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from strongroom.background import every
 from strongroom.errors import ResourceMissing
 from strongroom.sensitive import Secret
 from strongroom.settings import Settings
@@ -37,9 +37,11 @@ from strongroom.store.db import Database
 from strongroom.vault import rotation
 from strongroom.vault.channel import HEADER, ChannelError, Verifier
 from strongroom.vault.keystore import VaultIntegrityError, open_keystore
-from strongroom.vault.relay import Allowlist, CardFacts, Relay, RelayFailed, RelayRefused, RelayRequest
+from strongroom.vault.relay import Allowlist, CardFacts, Relay, RelayCall, RelayFailed, RelayRefused
 from strongroom.vault.remote import CARDS_PATH, DISCARD_CVC_PATH, RELAY_PATH
 from strongroom.vault.service import CvcCache, Vault
+from strongroom.vault.templates import SANDBOX_MOUNT, default_registry
+from strongroom.worker.runner import Periodic, Worker
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +69,10 @@ class _Vault:
             self.db,
             Allowlist(settings.vault.relay_allowlist, local_test_origins=settings.vault.relay_local_test_origins),
             timeout_s=settings.payments.processor_timeout_s,
+            # The sandbox's template may also go to the api's sandbox mount on a listed local origin.
+            templates=default_registry(
+                {"sandbox": [o.rstrip("/") + SANDBOX_MOUNT for o in settings.vault.relay_local_test_origins]}
+            ),
             group_commit_max=settings.database.group_commit_max,
         )
         self.verifier = Verifier(Secret(settings.vault.service_secret.get_secret_value().encode()))
@@ -106,24 +112,28 @@ async def discard_cvc(request: Request) -> Response:
     return Response(status_code=204)
 
 
+_RELAY_KEYS = frozenset({"actor", "merchant_id", "token", "exp_month", "exp_year", "call"})
+
+
 async def relay(request: Request) -> Response:
     state, data = await _authenticated(request)
-    spec = data["request"]
+    spec = data.get("call")
+    call = RelayCall.from_wire(spec if isinstance(spec, dict) else {"call": spec})
+    # Anything beyond the call (a raw request, say) is refused and audited by the relay.
+    extra = tuple(str(k)[:40] for k in data if k not in _RELAY_KEYS)
+    if extra:
+        call = dataclasses.replace(call, unexpected=call.unexpected + extra)
     try:
         answer = await state.relay.send(
             actor=str(data["actor"])[:64],
             merchant_id=str(data["merchant_id"]),
             token=str(data["token"]),
             card=CardFacts(int(data["exp_month"]), int(data["exp_year"])),
-            request=RelayRequest(
-                str(spec["method"]),
-                str(spec["url"]),
-                str(spec["body"]),
-                {str(k): str(v) for k, v in dict(spec.get("headers") or {}).items()},
-            ),
+            call=call,
         )
     except RelayRefused as exc:
-        return _error(403, exc.message)
+        error = {"message": exc.message, "code": exc.code, "param": exc.param}
+        return JSONResponse({"error": error}, status_code=403)
     except ResourceMissing as exc:
         return _error(404, exc.message)
     except RelayFailed as exc:
@@ -158,19 +168,21 @@ def create_vault_app(settings: Settings, *, background: bool = True) -> Starlett
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = _Vault(settings)
         app.state.vault = state
-        tasks: list[asyncio.Task[None]] = []
+        worker = None
         if background and settings.vault.rotation_enabled:
-            # PCI DSS 3.7.4 (SECURITY.md P6): the vault process rotates its own keys on schedule.
+            # PCI DSS 3.7.4 (SECURITY.md P6): the vault process rotates its own keys on schedule,
+            # one vault process of several at a time (the job's lease).
             vault_settings = settings.vault
-            job = every(
-                vault_settings.rotation_interval_s, "key_rotation", lambda: rotation.tick(state.vault, vault_settings)
+            rotate = Periodic(
+                "key_rotation", vault_settings.rotation_interval_s, lambda: rotation.tick(state.vault, vault_settings)
             )
-            tasks.append(asyncio.create_task(job))
+            worker = Worker(state.db, settings.worker, periodic=[rotate])
+            worker.start()
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
+            if worker is not None:
+                await worker.stop()
             await state.close()
 
     routes = [

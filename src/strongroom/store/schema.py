@@ -10,5 +10,6 @@ from strongroom.payments import tokens as _tokens  # noqa: F401
 from strongroom.store.metadata import metadata
 from strongroom.vault import relay_tables as _vault_relay  # noqa: F401
 from strongroom.vault import tables as _vault  # noqa: F401
+from strongroom.worker import tables as _worker  # noqa: F401
 
 __all__ = ["metadata"]
