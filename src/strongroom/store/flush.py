@@ -3,19 +3,18 @@ and group reads' statements (store.group, store.reads).
 
 A payment waits on the database six times (its payment method, the intent's first commit, the
 vault's card, the sandbox processor's record, the relay's audit, the final commit), each a lane
-whose waiting units go as one statement. With a writer per lane, every lane sent its statement
-as soon as it had one: a worker's 16 requests stayed spread over the six lanes, batches held ~7
-units, and a payment cost ~0.9 statements. Called in lock-step, the same requests all wait in
-the same lane, and a statement carries all 16: server CPU per payment 445 -> 312 us and
-PostgreSQL's 338 -> 236 us between batches of 8 and 16 (in-process, measured).
+whose waiting units go as one statement. With a writer per lane, every lane sends its statement
+as soon as it has one, so a worker's requests stay spread over the six lanes and each statement
+carries a few of them. Moving in lock-step, the same requests all wait in the same lane and one
+statement carries them all, and a statement's cost per payment falls with its size on both sides
+(figures in docs/performance.md).
 
 So lanes hand themselves to this scheduler instead. It lets the loop run while units keep
 arriving (up to `_MAX_TURNS` turns, stopping at the first turn in which none arrived), then
 flushes ONE lane: the fullest, or any whose first unit has waited `max_wait_s`. While that
 statement is out, the other lanes fill; the requests it answers move on together and join the
-next lane together, so a worker's requests form a convoy. Measured (2 workers, 32 clients, wrk,
-8 s, interleaved): 2547 / 2517 against 2243 / 2083 payments/s, 0.39 against 0.79 transactions a
-payment.
+next lane together, so a worker's requests form a convoy, at about half the transactions a
+payment of a writer per lane.
 
 A flush is awaited only up to `max_wait_s`: a slow one (a lock wait) then goes on in the
 background and the next lane is flushed, so no lane of the process is held behind it; at most

@@ -2,8 +2,8 @@
 
 A payment's last step (its charge, journal entries, events, the intent's new state and the stored
 idempotent response) is a fixed list of statements whose values are all known before it starts.
-Run one by one, each costs a round trip and each request pays its own BEGIN and COMMIT: on the
-benchmark that was most of a payment's CPU. Here requests hand their `Unit` to `GroupCommit`;
+Run one by one, each costs a round trip and each request pays its own BEGIN and COMMIT, which
+would be most of a payment's CPU. Here requests hand their `Unit` to `GroupCommit`;
 while one transaction is being written the next units queue, and the next transaction takes all
 of them (up to `max_batch`), running each distinct statement once with every unit's parameters
 (an executemany: one multi-row INSERT, or UPDATEs pipelined in one round trip) and committing
@@ -117,10 +117,10 @@ class GroupCommit:
             writer = loop.create_task(self._drain(lane))
             lane.writers.add(writer)
             writer.add_done_callback(functools.partial(_writer_done, lane))
-        # Awaited directly, not through asyncio.shield (1.7 µs more per wait, four a payment): a
-        # request cancelled while waiting cancels only its own future. The batch is the writer's
-        # task, which settles only futures not done yet, so the others' batch goes on, and this
-        # unit's writes, queued already, are still committed.
+        # Awaited directly, not through asyncio.shield (a cost on each of a payment's four waits,
+        # for nothing): a request cancelled while waiting cancels only its own future. The batch
+        # is the writer's task, which settles only futures not done yet, so the others' batch goes
+        # on, and this unit's writes, queued already, are still committed.
         return await unit.done
 
     async def _drain(self, lane: _Lane) -> None:

@@ -2,8 +2,8 @@
 commit's batches (store.group) and the few autocommitted statements every payment runs
 (`Database.fetch_one`/`execute_one`).
 
-Through SQLAlchemy each statement cost about 120 µs of CPU in execution context, parameter and
-result processing, and each pool checkout about 100 µs more; a payment runs about 15. Here each
+Through SQLAlchemy each statement pays again for an execution context, parameter and result
+processing and a pool checkout, on each of the ~15 statements a payment runs. Here each
 statement is compiled once (by SQLAlchemy, for this dialect) and then:
 
 - a plain INSERT of N rows is ONE statement, `INSERT … SELECT * FROM unnest($1::t1[], …)`, with one
@@ -145,8 +145,8 @@ def _insert_plan(statement: sa.Executable, keys: tuple[str, ...], dialect: Diale
     name = dialect.identifier_preparer.format_table(table)
     listed = ", ".join(quote(c.name) for c in columns)
     # The rows as one JSON document, turned into rows of the table's own type by the server:
-    # encoding N x M values as column arrays cost asyncpg about 1.2 µs each, orjson a tenth of
-    # that (measured: 30 rows of 10 columns, 330 -> 130 µs client CPU, 220 -> 260 µs server).
+    # orjson encodes N x M values for a fraction of what asyncpg's column arrays cost the client,
+    # for a little more work at the server (figures in docs/performance.md).
     # Each value still goes through its column type's input (a too-long VARCHAR is refused).
     # Identifiers and types come from the schema, quoted by the dialect; values are parameters.
     sql = (
@@ -222,8 +222,8 @@ def _update_plan(statement: sa.Executable, keys: tuple[str, ...], dialect: Diale
     aliases = ", ".join(f"v{i}" for i in range(len(columns)))
     assignments = ", ".join(f"{quote(c.name)} = v.v{i}" for i, (c, _) in enumerate(sets))
     # Each key column also as `= ANY(its array)`: an index condition whatever the row estimates.
-    # With the join alone, generic plans made while the table was small kept a sequential scan
-    # per batch (seen: 3.2 M rows read in a 10 s run).
+    # With the join alone, a generic plan made while the table was small keeps a sequential scan
+    # per batch as the table grows.
     conditions = " AND ".join(
         f"{name}.{quote(c.name)} = ANY(${n}::{_array_type(c, dialect)}) AND {name}.{quote(c.name)} = v.v{n - 1}"
         for n, (c, _) in enumerate(matches, start=len(sets) + 1)
@@ -373,10 +373,9 @@ def guard_plan(table: sa.Table, columns: tuple[str, ...], dialect: Dialect) -> G
         _array_type(table.c.id, dialect),
     )
     # `= ANY` on each key column, not a row IN (unnest): the planner reads that as a semi-join and
-    # chose a sequential scan of the whole table for every batch (seen: 2 000 rows read per batch
-    # on the benchmark, growing with the table). This is an index scan of the primary key; a row
-    # matching the columns separately but not as a triple is never asked for (ids are unique), and
-    # the caller matches triples exactly anyway.
+    # chooses a sequential scan of the whole table for every batch, a cost growing with the table.
+    # This is an index scan of the primary key; a row matching the columns separately but not as a
+    # triple is never asked for (ids are unique), and the caller matches triples exactly anyway.
     # Identifiers and types come from the schema, quoted by the dialect; values are parameters.
     sql = (
         f"SELECT {selected} FROM {name} WHERE {quote('merchant_id')} = ANY($1::{types[0]}) "  # noqa: S608
