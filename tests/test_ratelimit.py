@@ -64,12 +64,11 @@ async def test_memory_limiter_forgets_its_oldest_counters_beyond_its_bound():
 async def redis_client() -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
+        # The machine's real Redis: unreachable is a failure, never a skip.
         await client.ping()
     except (RedisError, OSError):
         await client.aclose()
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"no Redis at {REDIS_URL}")
+        raise
     yield client
     await client.aclose()
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import structlog
 import typer
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from strongroom import redact, tls
 from strongroom.auth import service as auth_service
@@ -39,6 +41,8 @@ worker_app = typer.Typer(help="Background jobs, leased so that each runs once ac
 app.add_typer(worker_app, name="worker")
 vault_app = typer.Typer(no_args_is_help=True, help="The card vault as its own process")
 app.add_typer(vault_app, name="vault")
+
+T = TypeVar("T")
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default .strongroom)")]
 BehindTlsProxy = Annotated[
@@ -97,13 +101,18 @@ async def _create_merchant(settings: Settings, name: str) -> NewMerchant:
         await db.dispose()
 
 
-async def _has_merchant(settings: Settings) -> bool:
+async def _read(settings: Settings, query: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """One read on a database opened for it (CLI commands run once and exit)."""
     db = Database(settings.effective_database_url)
     try:
         async with db.read() as conn:
-            return await auth_service.merchant_exists(conn)
+            return await query(conn)
     finally:
         await db.dispose()
+
+
+async def _has_merchant(settings: Settings) -> bool:
+    return await _read(settings, auth_service.merchant_exists)
 
 
 @app.command()
@@ -143,15 +152,7 @@ def worker_status(data_dir: DataDir = None) -> None:
     if settings.database_url is None:
         upgrade(settings.effective_database_url)
 
-    async def listing() -> list[jobs.Job]:
-        db = Database(settings.effective_database_url)
-        try:
-            async with db.read() as conn:
-                return await jobs.listing(conn)
-        finally:
-            await db.dispose()
-
-    for job in asyncio.run(listing()):
+    for job in asyncio.run(_read(settings, jobs.listing)):
         every = f"every {job.interval_s:g}s" if job.interval_s is not None else "once"
         line = f"{job.kind:<20} {job.state.value:<10} {every:<14} next {job.run_at:%Y-%m-%d %H:%M:%S}Z"
         line += f" runs {job.runs} failed attempts {job.attempts}"

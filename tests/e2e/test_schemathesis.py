@@ -114,17 +114,20 @@ def _pytest_9_2_node_id(request: pytest.FixtureRequest) -> None:
         request.node._nodeid = request.node.nodeid
 
 
-schema = schemathesis.pytest.from_fixture("api_schema")
-
-
-@schema.parametrize()
-@settings(
+# Repeatable runs over every operation: the same examples each time, no example database.
+FUZZ = settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
     derandomize=True,
     database=None,
     suppress_health_check=list(HealthCheck),
 )
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@FUZZ
 def test_pci_6_2_4_schemathesis_no_5xx_and_responses_match_schema(case: schemathesis.Case, server: Server) -> None:
     case.call_and_validate(headers={"Authorization": f"Bearer {server.secret_key}"}, checks=CHECKS, timeout=30)
 
@@ -270,13 +273,7 @@ undocumented = schemathesis.pytest.from_fixture("undocumented_schema")
 
 
 @undocumented.parametrize()
-@settings(
-    max_examples=MAX_EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+@FUZZ
 def test_pci_6_2_4_schemathesis_no_5xx_on_routes_left_out_of_openapi(case: schemathesis.Case, server: Server) -> None:
     # A browser's request: the form's own origin, so the card form's checks are passed and
     # fuzzing reaches the card's parsing and storage.
